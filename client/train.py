@@ -1,0 +1,274 @@
+"""ED-LoRA training of one concept on a client (DESIGN §2.1), ending in a concept package."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from client.config import TrainConfig
+from client.dataset import Example, augment, expand_caption, load_examples
+from client.resume import load_checkpoint, save_checkpoint
+from shared.atomic import check_fresh_output, staged_dir
+from shared.base import Base, load_base
+from shared.edlora import (
+    AttentionCapture,
+    ConceptEmbedding,
+    LayerSliceProcessor,
+    LayerwiseTextEncoder,
+    TokenMap,
+    add_tokens,
+    attention_regulariser,
+    check_new_words,
+    class_word_embedding,
+    cross_attention_layers,
+    install_layer_processors,
+    layer_token_names,
+)
+from shared.errors import UserError
+from shared.lora import add_lora, export_lora, lora_parameters, lora_scale, target_modules
+from shared.package import ConceptMeta, save_package
+from shared.sampling import generate, image_grid
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error; with a mask (B, 1, h, w), only inside it (weights normalised by the mask's area)."""
+    err = (pred.float() - target.float()) ** 2
+    if mask is None:
+        return err.mean()
+    weight = mask.to(err).expand_as(err)
+    return (err * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+@dataclass
+class Concept:
+    """A base with one concept being trained on it: the trainable pieces and the layer-wise encoder."""
+
+    base: Base
+    meta: ConceptMeta
+    embedding: ConceptEmbedding
+    encoder: LayerwiseTextEncoder
+    processors: list[LayerSliceProcessor]
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        params = {"emb": self.embedding.rows}
+        params.update({f"text_encoder.{n}": p for n, p in self.base.text_encoder.named_parameters() if "lora_" in n})
+        params.update({f"unet.{n}": p for n, p in self.base.unet.named_parameters() if "lora_" in n})
+        return params
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The package's tensors: emb.<word> [n_layers, hidden] and both LoRAs."""
+        self.embedding.sync()
+        rows = self.embedding.rows.detach().float().cpu()
+        out, start = {}, 0
+        for word, names in self.encoder.map.words.items():
+            block = rows[start:start + len(names)]
+            out[f"emb.{word}"] = block.expand(self.meta.n_layers, -1).contiguous()
+            start += len(names)
+        for model, prefix in ((self.base.text_encoder, "text_encoder"), (self.base.unet, "unet")):
+            if lora_parameters(model):
+                out.update(export_lora(model, prefix))
+        return out
+
+
+def prepare_concept(base: Base, words: list[str], class_word: str, cfg: TrainConfig, name: str,
+                    generator: torch.Generator) -> Concept:
+    """Add the concept's tokens (random + class-word init) and LoRA adapters to `base`."""
+    layers = cross_attention_layers(base.unet)
+    n = len(layers)
+    check_new_words(base.tokenizer, words, n, base.source)
+    class_row = class_word_embedding(base.tokenizer, base.text_encoder, class_word).float().cpu()
+    per_word = n if cfg.layerwise else 1
+    token_map = TokenMap(n, {w: layer_token_names(w, per_word) for w in words})
+    rows = {w: torch.randn(per_word, class_row.numel(), generator=generator) * cfg.init_std for w in words[:-1]}
+    rows[words[-1]] = class_row.expand(per_word, -1).clone()
+    first_id = len(base.tokenizer)
+    add_tokens(base.tokenizer, base.text_encoder, token_map, rows)
+    embedding = ConceptEmbedding(base.text_encoder, first_id, per_word * len(words))
+    text_modules = target_modules(base.text_encoder, cfg.text_targets)
+    unet_modules = target_modules(base.unet, cfg.unet_targets)
+    if not unet_modules:
+        raise UserError(f"unet_targets {cfg.unet_targets} match no linear layer of the base's UNet")
+    torch.manual_seed(cfg.seed)  # PEFT initialises lora_A with the global RNG
+    for model, modules in ((base.text_encoder, text_modules), (base.unet, unet_modules)):
+        if modules:
+            add_lora(model, modules, cfg.rank, cfg.alpha)
+    processors = install_layer_processors(base.unet, base.tokenizer.model_max_length)
+    meta = ConceptMeta(name=name, words=list(words), class_word=class_word, n_layers=n, layerwise=cfg.layerwise,
+                       rank=cfg.rank, alpha=cfg.alpha, unet_modules=unet_modules, text_modules=text_modules,
+                       prompt_templates=list(cfg.templates), base_fingerprint=base.fingerprint,
+                       training=cfg.to_dict())
+    return Concept(base, meta, embedding, LayerwiseTextEncoder(base.tokenizer, base.text_encoder, token_map),
+                   processors)
+
+
+def sample_grid(concept: Concept, cfg: TrainConfig, path: Path, prompts: list[str] | None = None) -> None:
+    """A grid of the concept's prompts (rows) at LoRA scales cfg.sample_scales (columns)."""
+    base = concept.base
+    prompts = prompts or concept.meta.prompts()[:3]
+    concept.embedding.sync()
+    columns = []
+    for scale in cfg.sample_scales:
+        with lora_scale([base.unet, base.text_encoder], scale):
+            columns.append(generate(base, concept.encoder, prompts, seed=cfg.seed, steps=cfg.sample_steps,
+                                    guidance=cfg.sample_guidance, height=cfg.resolution, width=cfg.resolution))
+    rows = [[col[i] for col in columns] for i in range(len(prompts))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rows, prompts, [f"lora x{s}" for s in cfg.sample_scales]).save(path)
+
+
+class Trainer:
+    """The training loop: batches, noise, loss, optimizer step, checkpoints, previews."""
+
+    def __init__(self, concept: Concept, examples: list[Example], cfg: TrainConfig, generator: torch.Generator):
+        self.c, self.examples, self.cfg, self.gen = concept, examples, cfg, generator
+        base = concept.base
+        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+        self.params = concept.trainable()
+        groups = [{"params": [concept.embedding.rows], "lr": cfg.lr_embedding}]
+        for model, lr in ((base.text_encoder, cfg.lr_text), (base.unet, cfg.lr_unet)):
+            if lora_parameters(model):
+                groups.append({"params": lora_parameters(model), "lr": lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        device = base.device
+        self.autocast = (torch.autocast(device.type, dtype=torch.float16 if cfg.mixed_precision == "fp16"
+                                        else torch.bfloat16) if cfg.mixed_precision != "no"
+                         else contextlib.nullcontext())
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+        if cfg.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+            base.text_encoder.gradient_checkpointing_enable()
+        for model in (base.unet, base.text_encoder):
+            model.train()
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        cfg, gen = self.cfg, self.gen
+        picks = torch.randint(len(self.examples), (cfg.batch_size,), generator=gen).tolist()
+        pixels, masks, captions = [], [], []
+        for i in picks:
+            px, mask = augment(self.examples[i], cfg.resolution, gen, cfg.min_crop, cfg.flip)
+            pixels.append(px)
+            masks.append(mask)
+            captions.append(expand_caption(self.examples[i].caption, self.c.meta.phrase, gen, cfg.shuffle_captions))
+        return torch.stack(pixels), torch.stack(masks), captions
+
+    def loss(self, pixels: torch.Tensor, masks: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        base, cfg, gen = self.c.base, self.cfg, self.gen
+        device, dtype = base.device, base.dtype
+        with torch.no_grad():
+            dist = base.vae.encode(pixels.to(device, dtype)).latent_dist
+            latents = dist.sample(generator=gen).float() * base.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
+        noise = noise.to(device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), generator=gen).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        capture = None
+        if cfg.attn_reg_weight > 0:
+            capture = AttentionCapture(self.c.encoder.concept_mask(captions))
+        for proc in self.c.processors:
+            proc.capture = capture
+        with self.autocast:
+            states = self.c.encoder.encode(captions)
+            pred = base.unet(noisy.to(dtype), t, states.to(dtype)).sample
+        latent_masks = F.interpolate(masks, size=latents.shape[-2:], mode="area").to(device)
+        loss = masked_mse(pred, target, latent_masks if cfg.masked_loss else None)
+        if capture is not None:
+            loss = loss + cfg.attn_reg_weight * attention_regulariser(capture, masks.to(device))
+            for proc in self.c.processors:
+                proc.capture = None
+        return loss
+
+    def step(self) -> float:
+        rows = self.c.embedding.rows
+        before = rows.detach().clone()
+        frozen = None
+        if self.cfg.emb_norm_threshold is not None:
+            frozen = before.norm(dim=-1) >= self.cfg.emb_norm_threshold
+        loss = self.loss(*self.batch())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if frozen is not None and rows.grad is not None:
+            rows.grad[frozen] = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if frozen is not None and bool(frozen.any()):
+            with torch.no_grad():  # weight decay and momentum would still move frozen rows
+                rows[frozen] = before[frozen]
+        return float(loss.detach())
+
+    def run(self, work: Path, identity: dict, on_step: Callable[[int, float], None] | None = None,
+            show_progress: bool = True) -> list[float]:
+        """Train to cfg.steps from the last checkpoint in `work`; checkpoint on Ctrl-C and every N steps."""
+        cfg = self.cfg
+        start, losses = load_checkpoint(work, self.params, self.optimizer, self.gen, identity)
+        columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*columns, disable=not show_progress) as progress:
+            task = progress.add_task("train", total=cfg.steps, completed=start, loss="-")
+            step = start
+            try:
+                while step < cfg.steps:
+                    losses.append(self.step())
+                    step += 1
+                    recent = losses[-10:]
+                    progress.update(task, completed=step, loss=f"{sum(recent) / len(recent):.4f}")
+                    if on_step:
+                        on_step(step, losses[-1])
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                        save_checkpoint(work, step, self.params, self.optimizer, self.gen, identity, losses)
+                    if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+                        sample_grid(self.c, cfg, work / "samples" / f"step_{step:06d}.png")
+            except KeyboardInterrupt:
+                save_checkpoint(work, step, self.params, self.optimizer, self.gen, identity, losses)
+                raise
+        return losses
+
+
+def train_concept(base_path: Path, data: Path, words: list[str], class_word: str, out: Path, cfg: TrainConfig,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  base_config: Path | None = None, name: str | None = None, show_progress: bool = True,
+                  on_step: Callable[[int, float], None] | None = None) -> tuple[Path, list[float]]:
+    """Train one concept and write its package at `out` (atomically). Returns (out, losses).
+
+    A crash or Ctrl-C leaves a checkpoint in `<out>.work/`; the same call resumes from it.
+    """
+    out = Path(out)
+    check_fresh_output(out, "--out package")
+    examples = load_examples(Path(data))
+    if cfg.mixed_precision == "fp16" and torch.device(device).type != "cuda":
+        raise UserError("mixed_precision fp16 needs --device cuda; use bf16 or no on the CPU")
+    if dtype != torch.float32 and cfg.mixed_precision == "no":
+        raise UserError("a half-precision --dtype needs mixed_precision fp16 or bf16 for training")
+    base = load_base(base_path, device, dtype, base_config)
+    gen = torch.Generator("cpu").manual_seed(cfg.seed)
+    concept = prepare_concept(base, words, class_word, cfg, name or out.name, gen)
+    identity = {"base": base.fingerprint, "words": list(words), "class_word": class_word, "data": str(Path(data)),
+                "config": {k: v for k, v in cfg.to_dict().items() if k != "steps"}}
+    work = out.with_name(out.name + ".work")
+    t0 = time.time()
+    losses = Trainer(concept, examples, cfg, gen).run(work, identity, on_step, show_progress)
+    for model in (base.unet, base.text_encoder):
+        model.eval()
+    with staged_dir(out) as stage:
+        tensors = concept.tensors()
+        concept.meta.training = dict(cfg.to_dict(), seconds=round(time.time() - t0, 1), final_loss=losses[-1])
+        sample_grid(concept, cfg, work / "samples" / "final.png")
+        save_package(stage, concept.meta, tensors)
+        shutil.copytree(work / "samples", stage / "samples")
+    shutil.rmtree(work, ignore_errors=True)
+    return out, losses

@@ -1,0 +1,129 @@
+"""Load a base model (diffusers folder or single-file checkpoint) and fingerprint it.
+
+Every base goes through `load_base`: real SD 1.5 folders, single-file checkpoints with a
+local config folder, and the tiny test base alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
+
+from shared.errors import UserError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+CONFIG_FILES = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "scheduler": "scheduler_config.json",
+}
+FINGERPRINT_SAMPLES = 1024  # values hashed per tensor: cheap for SD 1.5, still catches any fine-tune
+
+
+@dataclass
+class Base:
+    """The components of a Stable Diffusion 1.x/2.x base, on one device and dtype."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler: SchedulerMixin
+    fingerprint: str
+    source: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+
+def _quiet() -> None:
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def check_base_folder(folder: Path) -> None:
+    """Raise a UserError naming the first missing piece of a diffusers base folder."""
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"base folder {folder} has no model_index.json: is it a diffusers pipeline folder?")
+    for name in COMPONENTS:
+        cfg = folder / name / CONFIG_FILES[name]
+        if not cfg.is_file():
+            raise UserError(f"base folder {folder} is missing component '{name}' (no {cfg}); "
+                            "copy the whole pipeline folder")
+    for name in ("unet", "vae", "text_encoder"):
+        if not any((folder / name).glob("*.safetensors")) and not any((folder / name).glob("*.bin")):
+            raise UserError(f"base folder {folder} has no weights in '{name}/' (expected *.safetensors)")
+
+
+def _load_components(path: Path, config: Path | None) -> StableDiffusionPipeline:
+    _quiet()
+    if path.is_dir():
+        check_base_folder(path)
+        return StableDiffusionPipeline.from_pretrained(
+            path, local_files_only=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    if path.suffix not in (".safetensors", ".ckpt") or not path.is_file():
+        raise UserError(f"base {path} is neither a diffusers folder nor a .safetensors checkpoint file")
+    if config is None:
+        raise UserError(f"single-file base {path} needs --base-config DIR: a local diffusers folder of the "
+                        "same architecture (no model hub is used)")
+    check_base_folder(config)
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"cannot load single-file base {path} with config {config}: {exc}") from exc
+
+
+def fingerprint(models: dict[str, torch.nn.Module], tokenizer: CLIPTokenizer) -> str:
+    """sha256 over the architecture, every weight's name and shape, and a strided sample of its values.
+
+    Computed on the loaded float32 weights, so a folder and a single-file copy of the same
+    weights share a fingerprint; any fine-tune changes the sampled values.
+    """
+    h = hashlib.sha256()
+    vocab = sorted(tokenizer.get_vocab().items())
+    h.update(json.dumps(vocab[: len(vocab)], ensure_ascii=False).encode())
+    for name in sorted(models):
+        model = models[name]
+        h.update(f"{name}:{type(model).__name__}".encode())
+        for key, tensor in sorted(model.named_parameters()):
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+            h.update(f"{key}:{tuple(tensor.shape)}".encode())
+            h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_base(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              config: str | Path | None = None) -> Base:
+    """Load a base from a diffusers folder or a single-file checkpoint (with a local config folder).
+
+    The fingerprint is taken on the weights as stored, before casting to `dtype`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"base {path} does not exist")
+    pipe = _load_components(path, Path(config) if config else None)
+    fp = fingerprint({"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}, pipe.tokenizer)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.to(device=device, dtype=dtype).requires_grad_(False).eval()
+    return Base(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler, fp, str(path))

@@ -1,0 +1,71 @@
+"""Generate images with layer-wise text states through diffusers' StableDiffusionPipeline."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+)
+from PIL import Image, ImageDraw
+
+from shared.base import Base
+from shared.edlora import LayerwiseTextEncoder
+from shared.errors import UserError
+
+SCHEDULERS = {
+    "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++"),
+    "ddim": DDIMScheduler.from_config,
+    "euler": EulerDiscreteScheduler.from_config,
+}
+
+
+def make_scheduler(base: Base, name: str):
+    try:
+        return SCHEDULERS[name](base.scheduler.config)
+    except KeyError:
+        raise UserError(f"--scheduler {name!r} is not one of {', '.join(SCHEDULERS)}") from None
+
+
+def initial_latents(base: Base, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Seeded noise drawn on the CPU, so a seed gives the same start on every device."""
+    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    if height % (factor * 2) or width % (factor * 2):
+        raise UserError(f"--height/--width must be multiples of {factor * 2} for this base, got {height}x{width}")
+    shape = (batch, base.unet.config.in_channels, height // factor, width // factor)
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+@torch.no_grad()
+def generate(base: Base, encoder: LayerwiseTextEncoder, prompts: list[str], negative: str = "", seed: int = 0,
+             steps: int = 20, guidance: float = 7.5, height: int = 512, width: int = 512,
+             scheduler: str = "dpm++") -> list[Image.Image]:
+    """One image per prompt, from seeded latents, with classifier-free guidance."""
+    pipe = StableDiffusionPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        scheduler=make_scheduler(base, scheduler), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    dtype = base.unet.dtype
+    positive = encoder.encode(prompts).to(dtype)
+    negative_states = encoder.encode([negative] * len(prompts)).to(dtype)
+    latents = initial_latents(base, len(prompts), height, width, seed).to(base.device, dtype)
+    return pipe(prompt_embeds=positive, negative_prompt_embeds=negative_states, latents=latents,
+                num_inference_steps=steps, guidance_scale=guidance, height=height, width=width).images
+
+
+def image_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
+    """Lay images out in a labelled grid (rows x columns)."""
+    w, h = rows[0][0].size
+    pad_left, pad_top = 180, 18
+    grid = Image.new("RGB", (pad_left + w * len(rows[0]), pad_top + h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(col_labels):
+        draw.text((pad_left + j * w + 2, 2), label, fill="black")
+    for i, row in enumerate(rows):
+        draw.text((2, pad_top + i * h + h // 2 - 6), row_labels[i][:30], fill="black")
+        for j, img in enumerate(row):
+            grid.paste(img, (pad_left + j * w, pad_top + i * h))
+    return grid
