@@ -48,3 +48,12 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_image_atomic(path: Path, image) -> None:
+    """Save a PIL image as PNG through a temporary file and a rename."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())

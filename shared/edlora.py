@@ -60,7 +60,10 @@ def check_new_words(tokenizer: CLIPTokenizer, words: list[str], n_layers: int, w
     for word in words:
         if not word or re.search(r"\s", word) or word != word.lower():
             raise UserError(f"concept word {word!r} must be one lower-case word without spaces, e.g. '<cat1>'")
-        clash = [n for n in [word, *layer_token_names(word, n_layers)] if n in vocab]
+        clash = [n for n in [word, f"{word}</w>", *layer_token_names(word, n_layers)] if n in vocab]
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) == 1:
+            clash.append(tokenizer.convert_ids_to_tokens(ids)[0])
         if clash:
             raise UserError(f"concept word {word!r} is already in the tokenizer of {where} (as {clash[0]!r}): "
                             "choose a new word such as '<mycat1>'")

@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+NAME = "make-tiny-base"
+
+
+def run(out: Path = typer.Argument(..., help="folder to create"),
+        seed: int = typer.Option(0, "--seed", help="weight initialisation seed")) -> None:
+    """Write a tiny SD-1.x-shaped diffusers base folder built from config (for tests and the demo)."""
+    from rich import print
+
+    from shared.base import load_base
+    from shared.tiny_base import make_tiny_base
+
+    make_tiny_base(out, seed=seed)
+    print(f"tiny base written to {out} (fingerprint {load_base(out).fingerprint[:16]})")

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cli.options import Base, BaseConfig, Device, Dtype, words_list
+
+NAME = "train"
+
+
+def run(base: Path = Base, base_config: Path = BaseConfig,
+        data: Path = typer.Option(..., "--data", help="concept folder: images + .txt captions with <TOK>"),
+        words: str = typer.Option(..., "--words", help="the concept's new words, e.g. '<cat1> <cat2>'"),
+        class_word: str = typer.Option(..., "--class-word", help="one-token class word, e.g. cat"),
+        out: Path = typer.Option(..., "--out", help="package folder to create"),
+        config: Path = typer.Option(None, "--config", help="YAML file of training settings"),
+        steps: int = typer.Option(None, "--steps"),
+        batch_size: int = typer.Option(None, "--batch-size"),
+        resolution: int = typer.Option(None, "--resolution"),
+        rank: int = typer.Option(None, "--rank"),
+        plain: bool = typer.Option(None, "--plain/--layerwise", help="plain-LoRA mode: one embedding per word"),
+        masked_loss: bool = typer.Option(None, "--masked-loss/--no-masked-loss"),
+        mixed_precision: str = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16"),
+        gradient_checkpointing: bool = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+        sample_every: int = typer.Option(None, "--sample-every", help="write a sample grid every N steps"),
+        checkpoint_every: int = typer.Option(None, "--checkpoint-every"),
+        seed: int = typer.Option(None, "--seed"),
+        name: str = typer.Option(None, "--name", help="package name (default: the --out folder's name)"),
+        device: str = Device, dtype: str = Dtype) -> None:
+    """Train one concept as an ED-LoRA and write its concept package (resumes after a crash or Ctrl-C)."""
+    from rich import print
+
+    from client.config import load_config
+    from client.train import train_concept
+    from shared.device import parse_device, parse_dtype
+
+    overrides = dict(steps=steps, batch_size=batch_size, resolution=resolution, rank=rank,
+                     layerwise=None if plain is None else not plain, masked_loss=masked_loss,
+                     mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                     sample_every=sample_every, checkpoint_every=checkpoint_every, seed=seed)
+    cfg = load_config(config, overrides)
+    pkg, losses = train_concept(base, data, words_list(words), class_word, out, cfg, parse_device(device),
+                                parse_dtype(dtype), base_config, name)
+    first, last = losses[:10], losses[-10:]
+    print(f"package written to {pkg}  (loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f}; "
+          f"preview grid {pkg / 'samples' / 'final.png'})")

@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny base, toy concepts and one trained package per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from client.config import TrainConfig  # noqa: E402
+from shared.tiny_base import make_tiny_base  # noqa: E402
+from shared.toy_concepts import make_toy_concepts  # noqa: E402
+
+TOY_WORDS = {"red-circle": (["<redcir1>", "<redcir2>"], "toy"), "blue-square": (["<blusqu1>", "<blusqu2>"], "ball"),
+             "green-triangle": (["<gretri1>", "<gretri2>"], "cube")}
+
+
+def tiny_config(**kw) -> TrainConfig:
+    """Training settings sized for the tiny base on a CPU."""
+    values = dict(steps=100, resolution=64, batch_size=2, sample_steps=3, checkpoint_every=0, lr_unet=1e-3,
+                  lr_text=1e-4, templates=["photo of a {}", "a {} on the grass"])
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return make_tiny_base(tmp_path_factory.mktemp("base") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def toys(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toys") / "concepts"
+    make_toy_concepts(out, 3, images=6, size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_base, toys, tmp_path_factory):
+    """(package path, losses) of a 100-step ED-LoRA run on the red circle."""
+    from client.train import train_concept
+
+    words, cls = TOY_WORDS["red-circle"]
+    out = tmp_path_factory.mktemp("pkg") / "red-circle"
+    return train_concept(tiny_base, toys / "red-circle", words, cls, out, tiny_config(), show_progress=False)
