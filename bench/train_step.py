@@ -1,0 +1,113 @@
+"""ms per training step: ED-LoRA (mixshow) vs a plain PEFT LoRA on the same tiny base, side by side.
+
+Both loops see the same batches (same augmentation, VAE encoding, noise and MSE loss). The
+plain loop is the usual diffusers+PEFT recipe: UNet LoRA only, the prompt encoded once by a
+frozen text encoder. Rounds alternate between the two so machine noise hits both alike.
+
+    python bench/train_step.py [--base DIR] [--rounds 5] [--steps 10] [--resolution 64 128] [--device cpu]
+
+At 64 px the tiny UNet sees 8x8 latents and the text encoder's share of a step is far above
+what it is at real sizes; 128 px is printed beside it for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from client.config import TrainConfig  # noqa: E402
+from client.dataset import load_examples  # noqa: E402
+from client.train import Trainer, prepare_concept  # noqa: E402
+from shared.base import load_base  # noqa: E402
+from shared.lora import UNET_TARGETS, add_lora, lora_parameters, target_modules  # noqa: E402
+from shared.tiny_base import make_tiny_base  # noqa: E402
+from shared.toy_concepts import make_toy_concepts  # noqa: E402
+
+
+class PlainLoRA:
+    """The reference recipe: PEFT LoRA on the UNet, frozen text encoder, one encode per prompt."""
+
+    def __init__(self, base_path: Path, trainer: Trainer, cfg: TrainConfig, device: str):
+        self.base = load_base(base_path, device)
+        add_lora(self.base.unet, target_modules(self.base.unet, UNET_TARGETS), cfg.rank, cfg.alpha)
+        self.base.unet.train()
+        self.opt = torch.optim.AdamW(lora_parameters(self.base.unet), lr=cfg.lr_unet, weight_decay=cfg.weight_decay)
+        self.trainer, self.gen = trainer, torch.Generator().manual_seed(1)
+        self.sched = trainer.noise_scheduler
+
+    def step(self) -> float:
+        pixels, _, captions = self.trainer.batch()
+        base = self.base
+        with torch.no_grad():
+            latents = base.vae.encode(pixels.to(base.device)).latent_dist.sample(generator=self.gen)
+            latents = latents * base.vae.config.scaling_factor
+            ids = base.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+            states = base.text_encoder(ids.to(base.device))[0]
+        noise = torch.randn(latents.shape, generator=self.gen).to(base.device)
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=self.gen).to(base.device)
+        pred = base.unet(self.sched.add_noise(latents, noise, t), t, states).sample
+        loss = F.mse_loss(pred, noise)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
+def timed(step, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=Path)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--resolution", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    base_path = args.base or make_tiny_base(tmp / "base")
+    make_toy_concepts(tmp / "toys", 1, images=6, size=max(args.resolution))
+    print(f"base {base_path}  device {args.device}  batch {args.batch_size}  threads {torch.get_num_threads()}  "
+          f"{args.rounds} alternating rounds x {args.steps} steps, median")
+    for resolution in args.resolution:
+        ed, pl, n_layers = measure(base_path, tmp / "toys" / "red-circle", resolution, args)
+        print(f"{resolution:4d}px  ED-LoRA (layer-wise x{n_layers}, text+unet LoRA): {ed:7.1f} ms/step   "
+              f"plain PEFT LoRA (unet LoRA, frozen text encoder): {pl:7.1f} ms/step   "
+              f"ratio {ed / pl:.2f} (goal <= 1.3)")
+
+
+def measure(base_path: Path, data: Path, resolution: int, args: argparse.Namespace) -> tuple[float, float, int]:
+    """Median ms/step of both loops at one resolution, rounds alternating."""
+    cfg = TrainConfig(steps=10**6, resolution=resolution, batch_size=args.batch_size)
+    base = load_base(base_path, args.device)
+    gen = torch.Generator().manual_seed(0)
+    concept = prepare_concept(base, ["<bench1>", "<bench2>"], "toy", cfg, "bench", gen)
+    edlora = Trainer(concept, load_examples(data), cfg, gen)
+    plain = PlainLoRA(base_path, edlora, cfg, args.device)
+    timed(edlora.step, 3)
+    timed(plain.step, 3)
+    ed_ms, plain_ms = [], []
+    for _ in range(args.rounds):
+        ed_ms.append(timed(edlora.step, args.steps))
+        plain_ms.append(timed(plain.step, args.steps))
+    return statistics.median(ed_ms), statistics.median(plain_ms), concept.meta.n_layers
+
+if __name__ == "__main__":
+    main()
