@@ -132,3 +132,17 @@ def test_plain_lora_mode_trains_and_samples(tiny_base, toys, tmp_path):
     image = generate(base, encoder, [f"a {' '.join(words)}"], steps=3, height=64, width=64)[0]
     assert image.size == (64, 64) and (pkg / "samples" / "final.png").is_file()
     shutil.rmtree(pkg)
+
+
+def test_previews_checkpointing_and_bf16_autocast(tiny_base, toys, tmp_path):
+    words, cls = TOY_WORDS["red-circle"]
+    cfg = tiny_config(steps=4, sample_every=2, gradient_checkpointing=True, mixed_precision="bf16",
+                      sample_scales=[0.0, 1.0])
+    pkg, losses = train_concept(tiny_base, toys / "red-circle", ["<ckpt1>", "<ckpt2>"], cls, tmp_path / "p", cfg,
+                                show_progress=False)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sorted(p.name for p in (pkg / "samples").iterdir()) == ["final.png", "step_000002.png"]
+    from PIL import Image
+
+    grid = Image.open(pkg / "samples" / "final.png")
+    assert grid.size[0] > 2 * 64 and grid.size[1] > 2 * 64  # 2 prompts x 2 scales
