@@ -27,6 +27,8 @@ def run(base: Path = Base, base_config: Path = BaseConfig,
         checkpoint_every: int = typer.Option(None, "--checkpoint-every"),
         seed: int = typer.Option(None, "--seed"),
         name: str = typer.Option(None, "--name", help="package name (default: the --out folder's name)"),
+        stats: bool = typer.Option(False, "--stats", help="compute the package's statistics right after training"),
+        stats_source: str = typer.Option("sample", "--stats-source", help="sample | train (see `mixshow stats`)"),
         device: str = Device, dtype: str = Dtype) -> None:
     """Train one concept as an ED-LoRA and write its concept package (resumes after a crash or Ctrl-C)."""
     from rich import print
@@ -43,5 +45,12 @@ def run(base: Path = Base, base_config: Path = BaseConfig,
     pkg, losses = train_concept(base, data, words_list(words), class_word, out, cfg, parse_device(device),
                                 parse_dtype(dtype), base_config, name)
     first, last = losses[:10], losses[-10:]
+    if stats:
+        from client.stats import compute_stats
+        from shared.base import load_base
+
+        fresh = load_base(base, parse_device(device), parse_dtype(dtype), base_config)
+        path = compute_stats(fresh, pkg, stats_source, data=data)
+        print(f"statistics written to {path}")
     print(f"package written to {pkg}  (loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f}; "
           f"preview grid {pkg / 'samples' / 'final.png'})")

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from shared.errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def check_fresh_output(out: Path, what: str = "output folder") -> None:
     """Refuse an `out` that exists and is not an empty folder."""
@@ -25,6 +28,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
     check_fresh_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    os.chmod(stage, 0o777 & ~_UMASK)  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         yield stage
         if out.exists():
@@ -43,6 +47,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -41,8 +41,8 @@ def initial_latents(base: Base, batch: int, height: int, width: int, seed: int) 
 @torch.no_grad()
 def generate(base: Base, encoder: LayerwiseTextEncoder, prompts: list[str], negative: str = "", seed: int = 0,
              steps: int = 20, guidance: float = 7.5, height: int = 512, width: int = 512,
-             scheduler: str = "dpm++") -> list[Image.Image]:
-    """One image per prompt, from seeded latents, with classifier-free guidance."""
+             scheduler: str = "dpm++", output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+    """One image per prompt, from seeded latents, with classifier-free guidance (or the final latents)."""
     pipe = StableDiffusionPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
         scheduler=make_scheduler(base, scheduler), safety_checker=None, feature_extractor=None,
@@ -53,7 +53,8 @@ def generate(base: Base, encoder: LayerwiseTextEncoder, prompts: list[str], nega
     negative_states = encoder.encode([negative] * len(prompts)).to(dtype)
     latents = initial_latents(base, len(prompts), height, width, seed).to(base.device, dtype)
     return pipe(prompt_embeds=positive, negative_prompt_embeds=negative_states, latents=latents,
-                num_inference_steps=steps, guidance_scale=guidance, height=height, width=width).images
+                num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                output_type=output_type).images
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:

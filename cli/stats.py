@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cli.options import Base, BaseConfig, Device, Dtype
+
+NAME = "stats"
+
+
+def run(base: Path = Base, base_config: Path = BaseConfig,
+        concept: Path = typer.Option(..., "--concept", help="the concept package to compute statistics for"),
+        source: str = typer.Option("sample", "--source", help="sample: while sampling the concept's prompts; "
+                                                              "train: random timesteps over its training latents"),
+        samples: int = typer.Option(None, "--samples", help="images sampled / training latents used "
+                                                            "(default: one per prompt template)"),
+        data: Path = typer.Option(None, "--data", help="training images, for --source train"),
+        steps: int = typer.Option(20, "--steps", help="DPM-Solver++ steps per sample (all recorded)"),
+        pack: str = typer.Option("full32", "--pack", help="full32 (exact) or tri16 (symmetric triangle, fp16)"),
+        seed: int = typer.Option(0, "--seed"),
+        device: str = Device, dtype: str = Dtype) -> None:
+    """Record the Grams of every adapted layer's inputs into PKG/stats.safetensors (raw activations never kept)."""
+    from rich import print
+
+    from client.stats import compute_stats
+    from shared.base import load_base
+    from shared.device import parse_device, parse_dtype
+
+    model = load_base(base, parse_device(device), parse_dtype(dtype), base_config)
+    path = compute_stats(model, concept, source, samples, data, steps, seed, pack)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -1,0 +1,97 @@
+"""A client's activation statistics (DESIGN §2.2): Grams of the inputs of every adapted layer,
+recorded while the concept's own single-concept model runs on its own concept.
+
+Text-encoder sites: while encoding the concept's prompt templates (every layer-wise copy).
+UNet spatial sites (attn1 q/k/v/out, attn2 q/out): while sampling the concept's prompts
+(`sample`, the reference recipe: 20 DPM-Solver++ steps, all recorded) or at random timesteps
+over the client's own noised training latents (`train`). Raw activations are never kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from rich.progress import Progress
+
+from client.dataset import augment, expand_caption, load_examples
+from shared.base import Base
+from shared.errors import UserError
+from shared.grams import GramRecorder, group_sites, is_text_side
+from shared.package import ConceptMeta, apply_concept
+from shared.sampling import generate
+from shared.stats_file import gram_key, write_stats
+
+STATS_FILE = "stats.safetensors"
+
+
+def client_sites(meta: ConceptMeta) -> dict[str, dict[str, list[str]]]:
+    """{model: {site: modules}} for the sites a client records (text-side k/v are the server's)."""
+    return {"text_encoder": group_sites(meta.text_modules),
+            "unet": group_sites([m for m in meta.unet_modules if not is_text_side(m)])}
+
+
+@torch.no_grad()
+def compute_stats(base: Base, package: Path, source: str = "sample", samples: int | None = None,
+                  data: Path | None = None, steps: int = 20, seed: int = 0, packing: str = "full32",
+                  show_progress: bool = True) -> Path:
+    """Record the package's Grams on `base` and write PKG/stats.safetensors; return its path."""
+    if source not in ("sample", "train"):
+        raise UserError(f"--source {source!r} must be 'sample' or 'train'")
+    if source == "train" and data is None:
+        raise UserError("--source train needs --data DIR: the concept's training images")
+    meta, encoder = apply_concept(base, package)
+    sites = client_sites(meta)
+    prompts = meta.prompts()
+    resolution = int(meta.training.get("resolution", 512))
+    samples = samples or len(prompts)
+    grams, rows, aliases = {}, {}, {}
+
+    with GramRecorder(base.text_encoder, list(sites["text_encoder"])) as rec:
+        encoder.encode(prompts)
+    _collect("text_encoder", rec, sites["text_encoder"], grams, rows, aliases)
+
+    with GramRecorder(base.unet, list(sites["unet"])) as rec, Progress(disable=not show_progress) as progress:
+        task = progress.add_task(f"stats ({source})", total=samples)
+        if source == "sample":
+            for i in range(samples):
+                generate(base, encoder, [prompts[i % len(prompts)]], seed=seed + i, steps=steps,
+                         height=resolution, width=resolution)
+                progress.advance(task)
+        else:
+            _record_training_latents(base, encoder, meta, data, samples, resolution, seed, progress, task)
+    _collect("unet", rec, sites["unet"], grams, rows, aliases)
+
+    path = Path(package) / STATS_FILE
+    info = {"source": source, "samples": samples, "steps": steps, "seed": seed, "resolution": resolution,
+            "base_fingerprint": base.fingerprint, "prompts": prompts}
+    write_stats(path, grams, rows, aliases, info, packing)
+    return path
+
+
+def _collect(model: str, rec: GramRecorder, sites: dict[str, list[str]], grams: dict, rows: dict,
+             aliases: dict) -> None:
+    for site, modules in sites.items():
+        key = gram_key(model, site)
+        grams[key], rows[key] = rec.grams[site].cpu(), rec.rows[site]
+        for m in modules:
+            aliases[f"{model}.{m}"] = key
+
+
+def _record_training_latents(base: Base, encoder, meta: ConceptMeta, data: Path, samples: int, resolution: int,
+                             seed: int, progress: Progress, task) -> None:
+    """UNet forwards at random timesteps over the client's own noised training latents."""
+    examples = load_examples(Path(data))
+    gen = torch.Generator().manual_seed(seed)
+    scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    for i in range(samples):
+        example = examples[i % len(examples)]
+        pixels, _ = augment(example, resolution, gen, min_scale=1.0, flip=False)
+        latents = base.vae.encode(pixels[None].to(base.device, base.dtype)).latent_dist.sample(generator=gen)
+        latents = latents * base.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(base.device)
+        states = encoder.encode([expand_caption(example.caption, meta.phrase, gen, shuffle=False)])
+        base.unet(scheduler.add_noise(latents, noise, t), t, states.to(base.dtype))
+        progress.advance(task)

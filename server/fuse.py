@@ -1,0 +1,386 @@
+"""The center node's fusion (DESIGN §2.3): packages in, one fused model out.
+
+Order, as in the method: (1) every concept's layer-wise tokens under collision-free names;
+(2) text-encoder layers from the clients' Grams; (3) cross-attention k/v, whose inputs the
+server computes itself with the *fused* text encoder on each concept's prompts; (4) UNet
+spatial layers from the clients' Grams. Each layer: one Cholesky per input site (shared.fusion).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from rich.progress import Progress
+from safetensors.torch import save_file
+
+from server.report import IdentityReport
+from server.state import STATE_FILE, FusionState
+from shared.atomic import check_fresh_output, staged_dir
+from shared.base import Base, load_base
+from shared.edlora import (
+    LayerwiseTextEncoder,
+    TokenMap,
+    add_tokens,
+    check_new_words,
+    cross_attention_layers,
+    layer_token_names,
+)
+from shared.errors import UserError
+from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, qualified, read_concepts
+from shared.fusion import apply_lowrank, fused_lora, naive_lora, regularised_cholesky
+from shared.grams import GramRecorder, group_sites, is_text_side, site_of
+from shared.package import META_FILE, WEIGHTS_FILE, ConceptMeta, read_package
+from shared.sampling import generate
+from shared.stats_file import Stats
+
+METHODS = ("gradient", "average", "sum")
+DEFAULT_LAM = 1e-4
+GENERIC_PROMPTS = ("a photo of a dog", "a painting of a house", "a red car on the road", "a man in a room",
+                   "a woman on the beach", "a cat on the grass", "a city street at night", "a tree in the snow")
+STATS_NAME = "stats.safetensors"
+KV_ROWS = ("all", "concept")
+
+
+@dataclass
+class Source:
+    """One concept to fuse: its package metadata and tensors, and its stats (None if unavailable)."""
+
+    meta: ConceptMeta
+    tensors: dict[str, torch.Tensor]
+    stats: Stats | None
+    path: Path
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_source(path: Path, base: Base, need_stats: bool) -> Source:
+    """Read and check a package against the base: fingerprint, name, LoRA shapes, stats file."""
+    meta, tensors = read_package(path)
+    if meta.base_fingerprint != base.fingerprint:
+        raise UserError(f"package {path} was trained on base {meta.base_fingerprint[:12]}, but the fusion base "
+                        f"{base.source} is {base.fingerprint[:12]}: it belongs to another base")
+    if not NAME_PATTERN.match(meta.name):
+        raise UserError(f"package {path} is named {meta.name!r}: fused concepts need lower-case names of letters, "
+                        "digits, '-' and '_'")
+    for model_name, model, modules in (("text_encoder", base.text_encoder, meta.text_modules),
+                                       ("unet", base.unet, meta.unet_modules)):
+        for module in modules:
+            try:
+                weight = model.get_submodule(module).weight
+            except AttributeError:
+                raise UserError(f"package {path}: the base has no layer {model_name}.{module}") from None
+            A = tensors.get(f"{model_name}.{module}.lora_A.weight")
+            B = tensors.get(f"{model_name}.{module}.lora_B.weight")
+            if A is None or B is None or A.shape != (meta.rank, weight.shape[1]) or B.shape != (weight.shape[0],
+                                                                                                  meta.rank):
+                got = None if A is None or B is None else (tuple(B.shape), tuple(A.shape))
+                raise UserError(f"package {path}: LoRA of {model_name}.{module} has shapes (B, A) = {got}, the base "
+                                f"layer is {tuple(weight.shape)} with rank {meta.rank}")
+    has_stats = (Path(path) / STATS_NAME).is_file()
+    stats = Stats(Path(path) / STATS_NAME) if need_stats or has_stats else None
+    if stats is not None and stats.info.get("base_fingerprint", base.fingerprint) != base.fingerprint:
+        raise UserError(f"stats of {path} were recorded on another base; rerun `mixshow stats`")
+    hashes = {name: file_sha256(Path(path) / name) for name in (META_FILE, WEIGHTS_FILE, STATS_NAME)
+              if (Path(path) / name).is_file()}
+    return Source(meta, tensors, stats, Path(path), hashes)
+
+
+def module_dims(base: Base) -> dict[str, int]:
+    """d_in of every linear layer, by model-qualified name."""
+    dims = {}
+    for model_name, model in (("text_encoder", base.text_encoder), ("unet", base.unet)):
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                dims[f"{model_name}.{name}"] = module.in_features
+    return dims
+
+
+def concept_record(src: Source, n_layers: int) -> dict:
+    """The concepts.json entry of a concept."""
+    meta = src.meta
+    per_word = n_layers if meta.layerwise else 1
+    tokens = {qualified(meta.name, w): layer_token_names(qualified(meta.name, w), per_word) for w in meta.words}
+    return {"name": meta.name, "words": meta.words, "tokens": tokens, "class_word": meta.class_word,
+            "layerwise": meta.layerwise, "prompts": meta.prompts(), "prompt_templates": meta.prompt_templates,
+            "text_modules": meta.text_modules, "unet_modules": meta.unet_modules, "rank": meta.rank,
+            "lora_scale": meta.lora_scale, "package": str(src.path.resolve()), "sha256": src.sha256,
+            "base_fingerprint": meta.base_fingerprint}
+
+
+def qualified_prompts(record: dict) -> list[str]:
+    phrase = " ".join(record["tokens"])
+    return [t.format(phrase) for t in record["prompt_templates"]]
+
+
+class Fusion:
+    """Solves a fusion state onto a freshly loaded base and writes the FUSED folder."""
+
+    def __init__(self, base: Base, state: FusionState, records: list[dict], method: str, lam: float,
+                 preserve: int, kv_rows: str = "all", show_progress: bool = True):
+        if method not in METHODS:
+            raise UserError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+        if kv_rows not in KV_ROWS:
+            raise UserError(f"--kv-rows {kv_rows!r} is not one of {', '.join(KV_ROWS)}")
+        self.kv_rows = kv_rows
+        self.base, self.state, self.records = base, state, records
+        self.method, self.lam, self.preserve = method, lam, preserve
+        self.n_layers = len(cross_attention_layers(base.unet))
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float32
+        self.kv_grams: dict[str, dict[str, torch.Tensor]] = {}  # concept -> site -> Ĝ (server-computed)
+        self.show_progress = show_progress
+
+    # -- the four steps ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.merge_tokens()
+        with Progress(disable=not self.show_progress) as progress:
+            for model in ("text_encoder", "unet"):
+                sites = self.sites(model, text_side=False)
+                if model == "unet":
+                    self.solve_text_side(progress)
+                task = progress.add_task(f"fuse {model}", total=len(sites))
+                for site, modules in sites.items():
+                    self.solve_site(f"{model}.{site}", modules, self.state.S.get(f"{model}.{site}"))
+                    progress.advance(task)
+
+    def merge_tokens(self) -> None:
+        tmap = TokenMap(self.n_layers)
+        rows = {}
+        for record, terms in zip(self.records, self.state.concepts):
+            for word, q in zip(record["words"], record["tokens"]):
+                tmap.words[q] = record["tokens"][q]
+                rows[q] = terms.emb[word][: len(tmap.words[q])]
+        check_new_words(self.base.tokenizer, list(tmap.words), self.n_layers, self.base.source)
+        add_tokens(self.base.tokenizer, self.base.text_encoder, tmap, rows)
+        self.token_map = tmap
+
+    def sites(self, model: str, text_side: bool) -> dict[str, list[str]]:
+        """{site: modules} over every concept's adapted layers of `model` (client- or text-side)."""
+        modules = []
+        for c in self.state.concepts:
+            for qual in c.up:
+                m, _, module = qual.partition(".")
+                if m == model and is_text_side(module) == text_side and module not in modules:
+                    modules.append(module)
+        return group_sites(modules)
+
+    def solve_site(self, site_key: str, modules: list[str], S: torch.Tensor | None,
+                   grams: dict[str, torch.Tensor] | None = None) -> None:
+        """Fuse every module reading one input site and write the fused weights into the base."""
+        model_name = site_key.partition(".")[0]
+        model = self.base.text_encoder if model_name == "text_encoder" else self.base.unet
+        factor = None
+        if self.method == "gradient":
+            if S is None:
+                raise UserError(f"no concept has statistics for {site_key}; run `mixshow stats` on every package")
+            d = S.shape[0]
+            lam = self.lam * max(float(S.diagonal().sum()) / d, 1e-12)
+            factor = regularised_cholesky(S, lam)
+        for module in modules:
+            qual = f"{model_name}.{module}"
+            owners = [c for c in self.state.concepts if qual in c.up]
+            ups = [c.up[qual] for c in owners]
+            if self.method == "gradient":
+                if grams is None:
+                    agrams = [c.agram[qual] for c in owners]
+                else:  # text side: this fusion's own Grams
+                    agrams = [c.down[qual] @ grams[c.name] for c in owners]
+                up, down = fused_lora(ups, agrams, factor, [c.weight for c in owners])
+            else:
+                up, down = naive_lora(ups, [c.down[qual] for c in owners], self.method)
+            up32, down32 = up.float().contiguous(), down.float().contiguous()
+            self.lora[qual] = (up32, down32)
+            layer = model.get_submodule(module)
+            with torch.no_grad():
+                layer.weight.copy_(apply_lowrank(layer.weight, up32, down32))
+
+    @torch.no_grad()
+    def solve_text_side(self, progress: Progress) -> None:
+        """Cross-attention k/v: Grams of the fused text encoder's features on each concept's prompts."""
+        sites = self.sites("unet", text_side=True)
+        if not sites:
+            return
+        layers = cross_attention_layers(self.base.unet)
+        encoder = LayerwiseTextEncoder(self.base.tokenizer, self.base.text_encoder, self.token_map)
+        length = self.base.tokenizer.model_max_length
+        per_layer: dict[str, list[torch.Tensor]] = {}
+        for record in self.records:
+            per_layer[record["name"]] = self.text_grams(encoder, qualified_prompts(record), length, concept=True)
+        preserve = self.text_grams(encoder, list(GENERIC_PROMPTS[: self.preserve]), length, concept=False) \
+            if self.preserve else None
+        task = progress.add_task("fuse cross-attention k/v", total=len(sites))
+        for site, modules in sites.items():
+            k = layers.index(site.rsplit(".", 1)[0])
+            grams = {name: g[k] for name, g in per_layer.items()}
+            self.kv_grams.update({name: {**self.kv_grams.get(name, {}), f"unet.{site}": g}
+                                  for name, g in grams.items()})
+            S = sum(c.weight * grams[c.name] for c in self.state.concepts)
+            if preserve is not None:
+                S = S + preserve[k]
+            self.solve_site(f"unet.{site}", modules, S, grams)
+            progress.advance(task)
+
+    def text_grams(self, encoder: LayerwiseTextEncoder, prompts: list[str], length: int,
+                   concept: bool) -> list[torch.Tensor]:
+        """Per cross-attention layer, Ĝ of the text states the layer reads: every position (kv_rows='all'),
+        or only the concept-token and end-token positions (kv_rows='concept'; generic prompts: all)."""
+        states = encoder.encode(prompts).to(torch.float64)
+        ids = encoder.input_ids(prompts)[:, 0]
+        eos = self.base.tokenizer.eos_token_id
+        first_eos = (ids == eos).int().argmax(dim=1)
+        positions = torch.arange(ids.shape[1])[None]
+        keep = positions == first_eos[:, None]
+        if self.kv_rows == "all" or not concept:
+            keep = torch.ones_like(keep)  # every position the cross-attention reads, padding included
+        else:
+            keep = keep | encoder.concept_mask(prompts)
+        grams = []
+        for k in range(self.n_layers):
+            x = states[:, k * length:(k + 1) * length][keep.to(states.device)]
+            grams.append((x.T @ x / x.shape[0]).cpu())
+        return grams
+
+    # -- outputs -----------------------------------------------------------------------------------------
+    def write(self, stage: Path, info: dict) -> None:
+        base = self.base
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                       unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(stage, safe_serialization=True)
+        concepts = {"format_version": 1, "method": self.method, "lam": self.lam, "preserve": self.preserve,
+                    "kv_rows": self.kv_rows,
+                    "n_layers": self.n_layers, "base_fingerprint": info["base_fingerprint"],
+                    "base": info["base"], "concepts": self.records}
+        (stage / CONCEPTS_FILE).write_text(json.dumps(concepts, indent=2))
+        tensors = {}
+        for qual, (up, down) in self.lora.items():
+            tensors[f"{qual}.lora_A.weight"], tensors[f"{qual}.lora_B.weight"] = down, up
+        for q, _names in self.token_map.words.items():
+            record = next(r for r in self.records if q in r["tokens"])
+            terms = next(c for c in self.state.concepts if c.name == record["name"])
+            emb = terms.emb[q.split("/", 1)[1]]
+            tensors[f"emb.{q}"] = emb.contiguous()
+        save_file(tensors, str(stage / LORA_FILE), metadata={"format": "mixshow-fused-lora",
+                                                             "concepts": json.dumps(concepts)})
+        self.state.save(stage / STATE_FILE, {"method": self.method, "lam": self.lam, "preserve": self.preserve,
+                                             "base_fingerprint": info["base_fingerprint"]})
+
+
+def preservation_grams(base: Base, sites: dict[str, dict[str, list[str]]], n: int, resolution: int,
+                       steps: int = 20) -> dict[str, torch.Tensor]:
+    """Ĝ of `n` generic prompts through the base model, at every client-side site (target: W0)."""
+    plain = LayerwiseTextEncoder(base.tokenizer, base.text_encoder, TokenMap(len(cross_attention_layers(base.unet))))
+    prompts = list(GENERIC_PROMPTS[:n])
+    out = {}
+    with torch.no_grad():
+        for model_name, model in (("text_encoder", base.text_encoder), ("unet", base.unet)):
+            with GramRecorder(model, list(sites[model_name])) as rec:
+                if model_name == "text_encoder":
+                    plain.encode(prompts)
+                else:
+                    generate(base, plain, prompts, steps=steps, height=resolution, width=resolution)
+            out.update({f"{model_name}.{s}": rec.grams[s] / rec.rows[s] for s in rec.grams})
+    return out
+
+
+def client_sites_of(sources: list[Source]) -> dict[str, dict[str, list[str]]]:
+    sites: dict[str, dict[str, list[str]]] = {"text_encoder": {}, "unet": {}}
+    for src in sources:
+        for model, modules in (("text_encoder", src.meta.text_modules), ("unet", src.meta.unet_modules)):
+            for module in modules:
+                if not is_text_side(module):
+                    sites[model].setdefault(site_of(module), []).append(module)
+    return sites
+
+
+def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = "gradient", lam: float = DEFAULT_LAM,
+         preserve: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         base_config: Path | None = None, from_dir: Path | None = None, remove: list[str] | None = None,
+         kv_rows: str = "all", show_progress: bool = True) -> dict:
+    """Fuse packages into FUSED at `out` (atomically); with `from_dir`, update that fusion instead.
+
+    Returns the identity-loss report (also written as FUSED/fusion_report.json and .png).
+    """
+    out = Path(out)
+    check_fresh_output(out, "--out")
+    remove = remove or []
+    previous = read_concepts(from_dir) if from_dir else None
+    if previous:
+        method, lam, preserve, kv_rows = previous["method"], previous["lam"], previous["preserve"], previous["kv_rows"]
+        base_path = base_path or Path(previous["base"])
+    if base_path is None:
+        raise UserError("--base is required")
+    if method not in METHODS:
+        raise UserError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    base = load_base(base_path, device, dtype, base_config)
+    need_stats = method == "gradient"
+    dims = module_dims(base)
+    state, records = FusionState(), []
+    sources: dict[str, Source] = {}
+    if previous:
+        if previous["base_fingerprint"] != base.fingerprint:
+            raise UserError(f"{from_dir} was fused on base {previous['base_fingerprint'][:12]}, but {base.source} is "
+                            f"{base.fingerprint[:12]}")
+        state, _ = FusionState.load(Path(from_dir) / STATE_FILE)
+        records = list(previous["concepts"])
+        for name in remove:
+            record = next((r for r in records if r["name"] == name), None)
+            if record is None:
+                raise UserError(f"--remove {name}: {from_dir} has no concept of that name "
+                                f"(it has: {', '.join(r['name'] for r in records)})")
+            src = locate_package(record, base, need_stats)
+            state.remove(name, src.meta, src.stats, dims)
+            records.remove(record)
+        for record in records:  # for the report: the other packages, where they can still be found
+            with contextlib.suppress(UserError):
+                sources[record["name"]] = locate_package(record, base, need_stats)
+    elif remove:
+        raise UserError("--remove needs --from FUSED")
+    n_layers = len(cross_attention_layers(base.unet))
+    new_sources = [read_source(Path(p), base, need_stats) for p in packages]
+    for src in new_sources:
+        if src.meta.name in state.names() or src.meta.name in {s.meta.name for s in new_sources if s is not src}:
+            raise UserError(f"two concepts are named {src.meta.name!r}; rename a package (concept.json 'name')")
+    preserve_grams = None
+    if preserve and method == "gradient" and not previous:
+        resolution = int(new_sources[0].meta.training.get("resolution", 512)) if new_sources else 512
+        preserve_grams = preservation_grams(base, client_sites_of(new_sources), preserve, resolution)
+    for src in new_sources:
+        state.add(src.meta, src.tensors, src.stats, 1.0, dims)
+        records.append(concept_record(src, n_layers))
+        sources[src.meta.name] = src
+    if preserve_grams:
+        for site, gram in preserve_grams.items():
+            state.S[site] = state.S[site] + gram
+    if not state.concepts:
+        raise UserError("nothing to fuse: give at least one --concept (or leave one after --remove)")
+    fusion = Fusion(base, state, records, method, lam, preserve, kv_rows, show_progress)
+    fusion.run()
+    report = IdentityReport(fusion, sources).compute()
+    with staged_dir(out) as stage:
+        fusion.write(stage, {"base_fingerprint": base.fingerprint, "base": str(Path(base.source).resolve())})
+        report.write(stage)
+    return report.data
+
+
+def locate_package(record: dict, base: Base, need_stats: bool) -> Source:
+    """A fused concept's own package, found through concepts.json and checked against its recorded sha256."""
+    path = Path(record["package"])
+    if not (path / META_FILE).is_file():
+        raise UserError(f"concept {record['name']}: its package {path} is gone; withdrawing needs its own package")
+    src = read_source(path, base, need_stats)
+    if src.sha256 != record["sha256"]:
+        raise UserError(f"concept {record['name']}: package {path} changed since it was fused (sha256 differs)")
+    return src

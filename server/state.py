@@ -1,0 +1,122 @@
+"""Sufficient statistics of a fusion, kept between versions (FUSED/fusion_state.safetensors).
+
+Per client-side input site: S = Σ_i w_i Ĝ_i (+ the preservation Gram). Per concept and module:
+up = s_i B_i, A_i, and A_i Ĝ_i. Adding a concept adds its terms, withdrawing one subtracts
+them (its own package gives back its Ĝ_i); nothing else about other concepts is needed.
+Text-side sites (cross-attention k/v) are not kept: the server recomputes their inputs with
+each new fused text encoder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared.errors import UserError
+from shared.grams import is_text_side, site_of
+from shared.package import ConceptMeta
+from shared.stats_file import Stats
+
+STATE_FILE = "fusion_state.safetensors"
+
+
+@dataclass
+class ConceptTerms:
+    """One concept's contribution: its LoRA factors and A_i Ĝ_i per module (model-qualified names)."""
+
+    name: str
+    weight: float
+    up: dict[str, torch.Tensor] = field(default_factory=dict)  # "unet.<module>" -> s_i B_i
+    down: dict[str, torch.Tensor] = field(default_factory=dict)  # -> A_i
+    agram: dict[str, torch.Tensor] = field(default_factory=dict)  # -> A_i Ĝ_i (client-side modules only)
+    emb: dict[str, torch.Tensor] = field(default_factory=dict)  # word -> [n_layers, D]
+
+
+@dataclass
+class FusionState:
+    """S per site and every concept's terms, in fusion order."""
+
+    S: dict[str, torch.Tensor] = field(default_factory=dict)  # "unet.<site>" -> float64 [d, d]
+    concepts: list[ConceptTerms] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return [c.name for c in self.concepts]
+
+    def add(self, meta: ConceptMeta, tensors: dict[str, torch.Tensor], stats: Stats | None, weight: float,
+            dims: dict[str, int]) -> ConceptTerms:
+        """Add a concept's terms; `dims` gives d_in per model-qualified module."""
+        terms = ConceptTerms(meta.name, weight)
+        for model, modules in (("text_encoder", meta.text_modules), ("unet", meta.unet_modules)):
+            for module in modules:
+                qual = f"{model}.{module}"
+                A = tensors[f"{qual}.lora_A.weight"].to(torch.float64)
+                B = tensors[f"{qual}.lora_B.weight"].to(torch.float64)
+                terms.up[qual], terms.down[qual] = meta.lora_scale * B, A
+        for word in meta.words:
+            terms.emb[word] = tensors[f"emb.{word}"]
+        if stats is not None:
+            for site, gram in self._client_grams(meta, stats, dims).items():
+                self.S[site] = self.S[site] + weight * gram if site in self.S else weight * gram
+                for qual in terms.down:
+                    if _site(qual) == site:
+                        terms.agram[qual] = terms.down[qual] @ gram
+        self.concepts.append(terms)
+        return terms
+
+    def remove(self, name: str, meta: ConceptMeta, stats: Stats | None, dims: dict[str, int]) -> None:
+        """Withdraw concept `name`: subtract its Grams (from its own stats) and drop its terms."""
+        terms = next(c for c in self.concepts if c.name == name)
+        if stats is not None:
+            for site, gram in self._client_grams(meta, stats, dims).items():
+                self.S[site] = self.S[site] - terms.weight * gram
+        self.concepts.remove(terms)
+
+    @staticmethod
+    def _client_grams(meta: ConceptMeta, stats: Stats, dims: dict[str, int]) -> dict[str, torch.Tensor]:
+        grams = {}
+        for model, modules in (("text_encoder", meta.text_modules), ("unet", meta.unet_modules)):
+            for module in modules:
+                qual = f"{model}.{module}"
+                if is_text_side(module) or _site(qual) in grams:
+                    continue
+                key = stats.key_for(model, module)
+                grams[_site(qual)] = stats.normalised(key, dims[qual])
+        return grams
+
+    def save(self, path: Path, info: dict) -> None:
+        tensors = {f"S.{site}": s.to(torch.float64).contiguous() for site, s in self.S.items()}
+        for c in self.concepts:
+            for kind in ("up", "down", "agram", "emb"):
+                for key, t in getattr(c, kind).items():
+                    tensors[f"{kind}.{c.name}.{key}"] = t.contiguous()
+        meta = {"format": "mixshow-fusion-state",
+                "concepts": json.dumps([{"name": c.name, "weight": c.weight} for c in self.concepts]),
+                "info": json.dumps(info)}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[FusionState, dict]:
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise UserError(f"{path} is missing: --from needs a folder written by `mixshow fuse`")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        state = cls({k[2:]: v for k, v in tensors.items() if k.startswith("S.")})
+        for entry in json.loads(meta["concepts"]):
+            terms = ConceptTerms(entry["name"], entry["weight"])
+            for kind in ("up", "down", "agram", "emb"):
+                prefix = f"{kind}.{terms.name}."
+                getattr(terms, kind).update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            state.concepts.append(terms)
+        return state, json.loads(meta["info"])
+
+
+def _site(qual: str) -> str:
+    model, _, module = qual.partition(".")
+    return f"{model}.{site_of(module)}"

@@ -1,0 +1,83 @@
+"""End-to-end fusion fidelity (DESIGN §2.5 b): noise predictions of a fused model against each
+concept's single-concept model, on the same latents, timesteps and seeds.
+
+    ratio_i = ||ε_fused − ε_single|| / ||ε_single − ε_base||
+
+where ε_base is the single-concept model with its LoRA switched off (base weights, the
+concept's own tokens). Inputs: the clean latents the single-concept model samples for its
+prompts (seeded), noised to several timesteps with seeded noise.
+0 = the fused model behaves exactly like the concept's own model; 1 = as far from it as the untuned base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from shared.base import Base, load_base
+from shared.edlora import LayerwiseTextEncoder
+from shared.fused_model import expand_prompt, load_fused
+from shared.lora import lora_scale
+from shared.package import apply_concept, read_package
+from shared.sampling import generate
+
+TIMESTEPS = (99, 299, 499, 699, 899)
+
+
+def sample_latents(base: Base, encoder: LayerwiseTextEncoder, prompts: list[str], resolution: int, seed: int,
+                   steps: int = 20) -> torch.Tensor:
+    """Clean latents x0 the single-concept model generates for its prompts (the evaluation's inputs)."""
+    return generate(base, encoder, prompts, seed=seed, steps=steps, height=resolution, width=resolution,
+                    output_type="latent")
+
+
+def _noise_predictions(base: Base, states: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """ε predictions at every evaluation timestep for x_t = add_noise(x0, noise_t, t)."""
+    scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    outs = []
+    for t, eps in zip(TIMESTEPS, noise):
+        timesteps = torch.full((clean.shape[0],), t, device=clean.device)
+        x_t = scheduler.add_noise(clean, eps, timesteps)
+        outs.append(base.unet(x_t, t, states.to(base.unet.dtype)).sample.float())
+    return torch.stack(outs)
+
+
+@torch.no_grad()
+def fidelity(models: list[Path], packages: list[Path], base_path: Path | None = None, device: str = "cpu",
+             dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, dict[str, float]]:
+    """{concept: {model label: ratio}} for every package and every fused model (NaN: model lacks it)."""
+    fused = []
+    for path in models:
+        base, encoder, concepts = load_fused(path, device, dtype)
+        fused.append((Path(path).name, base, encoder, concepts))
+    if base_path is None:
+        from shared.fused_model import read_concepts
+
+        base_path = Path(read_concepts(models[0])["base"])
+    results: dict[str, dict[str, float]] = {}
+    for package in packages:
+        meta, _ = read_package(package)
+        single = load_base(base_path, device, dtype)
+        _, single_encoder = apply_concept(single, package)
+        prompts = meta.prompts()
+        resolution = int(meta.training.get("resolution", 512))
+        clean = sample_latents(single, single_encoder, prompts, resolution, seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        noise = torch.randn((len(TIMESTEPS), *clean.shape), generator=gen).to(device, dtype)
+        states = single_encoder.encode(prompts)
+        eps_single = _noise_predictions(single, states, clean, noise)
+        with lora_scale([single.unet, single.text_encoder], 0.0):
+            eps_base = _noise_predictions(single, single_encoder.encode(prompts), clean, noise)
+        reference = (eps_single - eps_base).norm()
+        results[meta.name] = {}
+        for label, base, encoder, concepts in fused:
+            if meta.name not in {c["name"] for c in concepts}:
+                results[meta.name][label] = float("nan")  # this model does not hold the concept
+                continue
+            text = [t.format(f"<{meta.name}>") for t in meta.prompt_templates]
+            fused_states = encoder.encode([expand_prompt(p, concepts) for p in text])
+            eps = _noise_predictions(base, fused_states, clean, noise)
+            results[meta.name][label] = float((eps - eps_single).norm() / reference)
+    return results

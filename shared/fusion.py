@@ -1,0 +1,102 @@
+"""Gradient fusion in closed form (DESIGN §2.3): Grams in, weights out. Pure functions, no I/O.
+
+Notation, per linear layer: base weight W0 (d_out x d_in); concept i has a LoRA
+dW_i = s_i B_i A_i and normalised Gram Ĝ_i = G_i / n_i of its inputs; S = Σ w_i Ĝ_i.
+
+    W* = argmin_W Σ_i w_i ||(W − W_i) X_iᵀ||² / n_i + λ ||W − W0||²
+       = (Σ_i w_i W_i Ĝ_i + λ W0)(S + λI)⁻¹
+
+and, because Σ w_i W_i Ĝ_i + λ W0 = W0 (S + λI) + Σ w_i dW_i Ĝ_i, the fused change is a LoRA:
+
+    W* − W0 = Σ_i (s_i B_i) [w_i A_i Ĝ_i (S + λI)⁻¹] = up @ down,
+    up = [s_1 B_1 … s_N B_N]  (d_out x N r),   down = stacked w_i A_i Ĝ_i (S + λI)⁻¹  (N r x d_in).
+
+All arithmetic is float64; (S + λI) is factorised once per input site (Cholesky, never inverted)
+and shared by every layer reading that input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPE = torch.float64
+
+
+def regularised_cholesky(S: torch.Tensor, lam: float) -> torch.Tensor:
+    """Lower Cholesky factor L of S + λI (S symmetric PSD, d x d)."""
+    eye = torch.eye(S.shape[0], dtype=DTYPE, device=S.device)
+    factor, info = torch.linalg.cholesky_ex(S.to(DTYPE) + lam * eye)
+    if int(info) != 0:
+        raise ValueError(f"S + {lam}·I is not positive definite (leading minor {int(info)}); raise --lam")
+    return factor
+
+
+def right_solve(rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """rows @ (S + λI)⁻¹ for a stack of rows (k x d), with L the Cholesky factor of S + λI."""
+    return torch.cholesky_solve(rows.to(DTYPE).T, factor).T
+
+
+def fused_lora(ups: list[torch.Tensor], agrams: list[torch.Tensor], factor: torch.Tensor,
+               weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) of W* − W0 from each concept's s_i B_i (d_out x r) and A_i Ĝ_i (r x d_in)."""
+    weights = weights or [1.0] * len(ups)
+    up = torch.cat([u.to(DTYPE) for u in ups], dim=1)
+    rhs = torch.cat([w * a.to(DTYPE) for w, a in zip(weights, agrams)], dim=0)
+    return up, right_solve(rhs, factor)
+
+
+def fused_weight(W0: torch.Tensor, deltas: list[torch.Tensor], grams: list[torch.Tensor], lam: float,
+                 weights: list[float] | None = None) -> torch.Tensor:
+    """W* directly from full matrices: (Σ w_i W_i Ĝ_i + λ W0)(Σ w_i Ĝ_i + λI)⁻¹ (reference form, for tests)."""
+    weights = weights or [1.0] * len(deltas)
+    W0 = W0.to(DTYPE)
+    S = sum(w * g.to(DTYPE) for w, g in zip(weights, grams))
+    rhs = sum(w * (W0 + d.to(DTYPE)) @ g.to(DTYPE) for w, d, g in zip(weights, deltas, grams)) + lam * W0
+    return right_solve(rhs, regularised_cholesky(S, lam))
+
+
+def objective(W: torch.Tensor, W0: torch.Tensor, deltas: list[torch.Tensor], grams: list[torch.Tensor],
+              lam: float, weights: list[float] | None = None) -> torch.Tensor:
+    """Σ w_i tr((W − W_i) Ĝ_i (W − W_i)ᵀ) + λ ||W − W0||², the quantity W* minimises."""
+    weights = weights or [1.0] * len(deltas)
+    W, W0 = W.to(DTYPE), W0.to(DTYPE)
+    total = lam * ((W - W0) ** 2).sum()
+    for w, d, g in zip(weights, deltas, grams):
+        X = W - W0 - d.to(DTYPE)
+        total = total + w * torch.trace(X @ g.to(DTYPE) @ X.T)
+    return total
+
+
+def lowrank_quadratic(P: torch.Tensor, Q: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """tr(X G Xᵀ) for X = P @ Q (d_out x k, k x d_in) without forming X: tr((PᵀP)(Q G Qᵀ))."""
+    P, Q = P.to(DTYPE), Q.to(DTYPE)
+    return ((P.T @ P) * (Q @ G.to(DTYPE) @ Q.T)).sum()
+
+
+def identity_loss(up: torch.Tensor, down: torch.Tensor, own_up: torch.Tensor, own_down: torch.Tensor,
+                  gram: torch.Tensor) -> float:
+    """e_i = tr((W − W_i) Ĝ_i (W − W_i)ᵀ) / tr(dW_i Ĝ_i dW_iᵀ) with W − W0 = up@down, dW_i = own_up@own_down.
+
+    0: the concept's layer output is fully kept; 1: as if it had never been trained.
+    """
+    own = lowrank_quadratic(own_up, own_down, gram)
+    if own <= 0:
+        return 0.0
+    P = torch.cat([up.to(DTYPE), -own_up.to(DTYPE)], dim=1)
+    Q = torch.cat([down.to(DTYPE), own_down.to(DTYPE)], dim=0)
+    return float(lowrank_quadratic(P, Q, gram) / own)
+
+
+def naive_lora(ups: list[torch.Tensor], downs: list[torch.Tensor], method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The baselines as LoRAs: 'sum' is W0 + Σ dW_i, 'average' is W0 + mean dW_i."""
+    scale = 1.0 if method == "sum" else 1.0 / len(ups)
+    return (torch.cat([scale * u.to(DTYPE) for u in ups], dim=1), torch.cat([d.to(DTYPE) for d in downs], dim=0))
+
+
+def apply_lowrank(W0: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """W0 + up @ down computed in float64 and cast back to W0's dtype.
+
+    The one place a fused change meets the base weights: the fused folder and base +
+    fused_lora.safetensors both go through it, so they agree bit for bit.
+    """
+    return (W0.to(DTYPE) + up.to(W0.device, DTYPE) @ down.to(W0.device, DTYPE)).to(W0.dtype)
