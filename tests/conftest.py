@@ -48,3 +48,33 @@ def trained(tiny_base, toys, tmp_path_factory):
     words, cls = TOY_WORDS["red-circle"]
     out = tmp_path_factory.mktemp("pkg") / "red-circle"
     return train_concept(tiny_base, toys / "red-circle", words, cls, out, tiny_config(), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def three_packages(tiny_base, toys, tmp_path_factory) -> list[Path]:
+    """The 3 toy concepts trained (different seeds, as independent clients) with their stats."""
+    from client.stats import compute_stats
+    from client.train import train_concept
+    from shared.base import load_base
+
+    root = tmp_path_factory.mktemp("three")
+    paths = []
+    for seed, (name, (words, cls)) in enumerate(TOY_WORDS.items()):
+        pkg, _ = train_concept(tiny_base, toys / name, words, cls, root / name, tiny_config(steps=60, seed=seed),
+                               show_progress=False)
+        compute_stats(load_base(tiny_base), pkg, samples=2, steps=10, seed=seed, show_progress=False)
+        paths.append(pkg)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def fused_three(tiny_base, three_packages, tmp_path_factory) -> dict[str, Path]:
+    """The 3 packages fused by gradient fusion and by naive averaging."""
+    from server.fuse import fuse
+
+    root = tmp_path_factory.mktemp("fused")
+    out = {}
+    for method in ("gradient", "average"):
+        out[method] = root / method
+        fuse(tiny_base, three_packages, out[method], method=method, show_progress=False)
+    return out

@@ -1,0 +1,235 @@
+"""Statistics and fusion on trained toy concepts: quality, exactness of the outputs, add/withdraw, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from client.stats import compute_stats
+from server.fuse import fuse
+from server.report import table_of
+from shared.base import load_base
+from shared.evaluation import fidelity
+from shared.fused_model import apply_fused_lora, load_fused
+from shared.grams import GramRecorder
+from shared.package import apply_concept
+from shared.stats_file import Stats
+from tests.conftest import tiny_config
+from tests.test_base_and_cli import run_cli
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for sub in ("unet", "text_encoder"):
+        path = next((folder / sub).glob("*.safetensors"))
+        out.update({f"{sub}.{k}": v for k, v in load_file(str(path)).items()})
+    return out
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)) for k in a)
+
+
+def test_recorded_gram_equals_brute_force(tiny_base, three_packages):
+    base = load_base(tiny_base)
+    _, encoder = apply_concept(base, three_packages[0])
+    site = "encoder.layers.2.self_attn.q_proj"
+    seen = []
+    hook = base.text_encoder.get_submodule(site).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with GramRecorder(base.text_encoder, [site]) as rec:
+        encoder.encode(["photo of a <redcir1> <redcir2>", "a <redcir1> <redcir2> on the grass"])
+    hook.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
+    assert rec.rows[site] == x.shape[0] == 2 * 7 * 77
+    assert torch.allclose(rec.grams[site], x.T @ x, rtol=1e-12, atol=1e-9)
+
+
+def test_stats_file_layout(three_packages):
+    stats = Stats(three_packages[0] / "stats.safetensors")
+    unet_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    key = stats.key_for("unet", f"{unet_q}.to_v")
+    assert key == f"gram.unet.{unet_q}.to_q" and stats.rows(key) > 0
+    assert stats.key_for("unet", f"{unet_q.replace('attn1', 'attn2')}.to_q").endswith("attn2.to_q")
+    with pytest.raises(Exception, match="no Gram"):
+        stats.key_for("unet", f"{unet_q.replace('attn1', 'attn2')}.to_k")  # text side: the server's job
+    assert stats.normalised(key, 32).shape == (32, 32)
+
+
+def test_packings(tiny_base, three_packages, tmp_path):
+    """tri32 is exact (same fused weights bit for bit); tri16 keeps each Gram within 1e-3 and PSD."""
+    sizes, folders = {}, {}
+    for packing in ("tri32", "tri16"):
+        packed = []
+        for seed, pkg in enumerate(three_packages):
+            copy = tmp_path / packing / pkg.name
+            shutil.copytree(pkg, copy)
+            compute_stats(load_base(tiny_base), copy, samples=2, steps=10, seed=seed, packing=packing,
+                          show_progress=False)
+            packed.append(copy)
+        sizes[packing] = (packed[0] / "stats.safetensors").stat().st_size
+        folders[packing] = packed
+    full = (three_packages[0] / "stats.safetensors").stat().st_size
+    assert sizes["tri32"] < 0.6 * full and sizes["tri16"] < 0.3 * full
+    exact, tri32 = Stats(three_packages[0] / "stats.safetensors"), Stats(folders["tri32"][0] / "stats.safetensors")
+    tri16 = Stats(folders["tri16"][0] / "stats.safetensors")
+    for key in sorted(exact.keys):
+        d = exact.dim(key)
+        reference = exact.normalised(key, d)
+        assert torch.equal(tri32.normalised(key, d), reference)
+        approx = tri16.normalised(key, d)
+        assert float((approx - reference).norm() / reference.norm()) <= 1e-3
+        assert float(torch.linalg.eigvalsh(approx).min()) >= 0
+    fuse(tiny_base, three_packages, tmp_path / "exact", show_progress=False)
+    fuse(tiny_base, folders["tri32"], tmp_path / "fused-tri32", show_progress=False)
+    assert _max_rel(_weights(tmp_path / "fused-tri32"), _weights(tmp_path / "exact")) == 0
+
+
+def test_gradient_beats_average_for_every_concept(fused_three, three_packages, capsys):
+    report = json.loads((fused_three["gradient"] / "fusion_report.json").read_text())
+    Console(force_terminal=False, width=120).print(table_of(report))
+    results = fidelity([fused_three["gradient"], fused_three["average"]], three_packages)
+    with capsys.disabled():
+        print()
+        Console(width=120).print(table_of(report))
+        for name, row in results.items():
+            print(f"end-to-end {name}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    for name, entry in report["concepts"].items():
+        assert entry["mean"]["fused"] < entry["mean"]["average"], name
+        assert results[name]["gradient"] < results[name]["average"], name
+    assert (fused_three["gradient"] / "fusion_report.png").stat().st_size > 10_000
+
+
+def test_fused_folder_loads_plainly_and_fused_lora_gives_same_weights_and_image(tiny_base, fused_three, tmp_path,
+                                                                               monkeypatch, capsys):
+    folder = fused_three["gradient"]
+    plain = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    image = plain("a photo of a red-circle/<redcir1>_0", num_inference_steps=2, height=64, width=64,
+                  output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    fused_base, _, _ = load_fused(folder)
+    lora_base = load_base(tiny_base)
+    apply_fused_lora(lora_base, folder / "fused_lora.safetensors")
+    for name in ("unet", "text_encoder"):
+        a = dict(getattr(fused_base, name).named_parameters())
+        b = dict(getattr(lora_base, name).named_parameters())
+        assert max(float((a[k] - b[k]).norm() / b[k].norm()) for k in a) <= 1e-5
+    assert fused_base.tokenizer.get_vocab() == lora_base.tokenizer.get_vocab()
+    prompt = "a <red-circle> next to a <blue-square>"
+    common = ["--prompt", prompt, "--steps", "3", "--height", "64", "--width", "64", "--seed", "2"]
+    assert run_cli(["sample", "--model", str(folder), *common, "--out", str(tmp_path / "m.png")],
+                   monkeypatch, capsys)[0] == 0
+    assert run_cli(["sample", "--base", str(tiny_base), "--fused-lora", str(folder / "fused_lora.safetensors"),
+                    *common, "--out", str(tmp_path / "l.png")], monkeypatch, capsys)[0] == 0
+    assert (tmp_path / "m.png").read_bytes() == (tmp_path / "l.png").read_bytes()
+
+
+def test_add_then_remove_and_from_plus_add(tiny_base, three_packages, fused_three, tmp_path):
+    first_two = three_packages[:2]
+    fuse(tiny_base, first_two, tmp_path / "two", show_progress=False)
+    fuse(None, [three_packages[2]], tmp_path / "two+1", from_dir=tmp_path / "two", show_progress=False)
+    assert _max_rel(_weights(tmp_path / "two+1"), _weights(fused_three["gradient"])) <= 1e-6
+    fuse(None, [], tmp_path / "back", from_dir=fused_three["gradient"], remove=["green-triangle"],
+         show_progress=False)
+    assert _max_rel(_weights(tmp_path / "back"), _weights(tmp_path / "two")) <= 1e-6
+    vocab = load_base(tmp_path / "back").tokenizer.get_vocab()
+    assert vocab == load_base(tmp_path / "two").tokenizer.get_vocab()
+    assert not any(t.startswith("green-triangle/") for t in vocab)
+    names = [c["name"] for c in json.loads((tmp_path / "back" / "concepts.json").read_text())["concepts"]]
+    assert names == ["red-circle", "blue-square"]
+
+
+def test_identical_words_both_survive(tiny_base, toys, tmp_path):
+    from client.train import train_concept
+
+    pkgs = []
+    for seed, (name, data) in enumerate((("dog-a", "red-circle"), ("dog-b", "blue-square"))):
+        pkg, _ = train_concept(tiny_base, toys / data, ["<dog1>", "<dog2>"], "dog", tmp_path / name,
+                               tiny_config(steps=30, seed=seed), show_progress=False)
+        compute_stats(load_base(tiny_base), pkg, samples=1, steps=5, show_progress=False)
+        pkgs.append(pkg)
+    fuse(tiny_base, pkgs, tmp_path / "fused", show_progress=False)
+    base, encoder, concepts = load_fused(tmp_path / "fused")
+    assert [c["name"] for c in concepts] == ["dog-a", "dog-b"]
+    from shared.fused_model import expand_prompt
+    from shared.sampling import generate
+
+    images = [generate(base, encoder, [expand_prompt(f"a photo of a <{n}>", concepts)], seed=1, steps=3,
+                       height=64, width=64)[0] for n in ("dog-a", "dog-b")]
+    assert images[0].tobytes() != images[1].tobytes()
+
+
+def _spoil_stats(pkg, change):
+    path = pkg / "stats.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    key = next(k for k in tensors if k.startswith("gram.unet."))
+    tensors[key] = change(tensors[key])
+    save_file(tensors, str(path), metadata=meta)
+
+
+BAD = {
+    "missing stats": (lambda p: (p / "stats.safetensors").unlink(), "is missing"),
+    "truncated stats": (lambda p: (p / "stats.safetensors").write_bytes((p / "stats.safetensors").read_bytes()[:999]),
+                        "damaged"),
+    "gram wrong shape": (lambda p: _spoil_stats(p, lambda g: g[:-1, :-1].contiguous()), "shape"),
+    "gram nan": (lambda p: _spoil_stats(p, lambda g: g.index_fill(0, torch.tensor([0]), float("nan"))), "NaN"),
+    "gram not symmetric": (lambda p: _spoil_stats(p, lambda g: g + torch.triu(torch.ones_like(g)) * g.abs().max()),
+                           "not symmetric"),
+    "gram not psd": (lambda p: _spoil_stats(p, lambda g: g - 10 * g.diagonal().max() * torch.eye(g.shape[0])),
+                     "not positive semi-definite"),
+    "lora shape": (lambda p: _spoil_lora(p), "LoRA of"),
+    "other base": (lambda p: _spoil_meta(p, "base_fingerprint", "0" * 64), "another base"),
+}
+
+
+def _spoil_lora(pkg):
+    tensors = load_file(str(pkg / "edlora.safetensors"))
+    key = next(k for k in tensors if k.startswith("unet.") and k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    save_file(tensors, str(pkg / "edlora.safetensors"))
+
+
+def _spoil_meta(pkg, key, value):
+    meta = json.loads((pkg / "concept.json").read_text())
+    meta[key] = value
+    (pkg / "concept.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_fuse_bad_input(case, tiny_base, three_packages, tmp_path, monkeypatch, capsys):
+    spoil, message = BAD[case]
+    broken = tmp_path / "broken"
+    shutil.copytree(three_packages[1], broken)
+    spoil(broken)
+    out = tmp_path / "fused"
+    code, _, err = run_cli(["fuse", "--base", str(tiny_base), "--concept", str(three_packages[0]), "--concept",
+                            str(broken), "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:")
+    assert not out.exists() and not list(tmp_path.glob(".fused*"))
+
+
+def test_remove_unknown_name(fused_three, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(["fuse", "--from", str(fused_three["gradient"]), "--remove", "nobody", "--out",
+                            str(tmp_path / "x")], monkeypatch, capsys)
+    assert code == 2 and "no concept of that name" in err and not (tmp_path / "x").exists()
+
+
+def test_cli_fuse_prints_the_table(tiny_base, three_packages, tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(["fuse", "--base", str(tiny_base), *sum((["--concept", str(p)] for p in three_packages),
+                                                                      []), "--out", str(tmp_path / "f")],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    assert "identity loss" in out and "red-circle" in out
+    assert sys.modules["server.fuse"]  # the CLI went through the server's fusion

@@ -1,0 +1,89 @@
+"""The closed form against brute force: optimality, exactness of the LoRA form, identity loss."""
+
+from __future__ import annotations
+
+import torch
+
+from shared.fusion import (
+    fused_lora,
+    fused_weight,
+    identity_loss,
+    lowrank_quadratic,
+    naive_lora,
+    objective,
+    regularised_cholesky,
+)
+
+D = torch.float64
+
+
+def _problem(n_concepts=3, d_out=12, d_in=10, rank=2, rows=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(d_out, d_in, generator=gen, dtype=D)
+    ups = [torch.randn(d_out, rank, generator=gen, dtype=D) for _ in range(n_concepts)]
+    downs = [torch.randn(rank, d_in, generator=gen, dtype=D) for _ in range(n_concepts)]
+    xs = [torch.randn(rows, d_in, generator=gen, dtype=D) for _ in range(n_concepts)]
+    grams = [x.T @ x / rows for x in xs]
+    return W0, ups, downs, grams
+
+
+def test_closed_form_is_the_optimum():
+    W0, ups, downs, grams = _problem()
+    deltas = [u @ a for u, a in zip(ups, downs)]
+    lam = 1e-3
+    W = fused_weight(W0, deltas, grams, lam).requires_grad_(True)
+    objective(W, W0, deltas, grams, lam).backward()
+    scale = sum(((W0 + d) @ g).norm() for d, g in zip(deltas, grams))
+    assert float(W.grad.norm() / scale) <= 1e-6
+    for _ in range(5):  # and any perturbation is worse
+        bumped = W.detach() + 1e-3 * torch.randn_like(W0)
+        assert objective(bumped, W0, deltas, grams, lam) > objective(W.detach(), W0, deltas, grams, lam)
+
+
+def test_one_concept_full_rank_data_gives_its_own_weights():
+    W0, ups, downs, grams = _problem(n_concepts=1, rows=40)
+    W1 = W0 + ups[0] @ downs[0]
+    W = fused_weight(W0, [ups[0] @ downs[0]], grams, lam=1e-12)
+    assert torch.allclose(W, W1, rtol=0, atol=1e-8 * W1.abs().max())
+
+
+def test_fused_change_is_exactly_the_rank_nr_lora():
+    W0, ups, downs, grams = _problem()
+    lam = 1e-2
+    factor = regularised_cholesky(sum(grams), lam)
+    up, down = fused_lora(ups, [a @ g for a, g in zip(downs, grams)], factor)
+    assert up.shape == (12, 6) and down.shape == (6, 10)
+    reference = fused_weight(W0, [u @ a for u, a in zip(ups, downs)], grams, lam)
+    assert torch.allclose(W0 + up @ down, reference, atol=1e-10)
+
+
+def test_orthogonal_subspaces_fuse_losslessly():
+    gen = torch.Generator().manual_seed(1)
+    d_in, d_out, rank = 12, 8, 2
+    basis = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, dtype=D))[0]
+    ups, downs, grams = [], [], []
+    for i in range(3):  # concept i's inputs span 4 basis directions of its own
+        block = basis[:, 4 * i:4 * (i + 1)]
+        x = torch.randn(20, 4, generator=gen, dtype=D) @ block.T
+        grams.append(x.T @ x / 20)
+        ups.append(torch.randn(d_out, rank, generator=gen, dtype=D))
+        downs.append(torch.randn(rank, d_in, generator=gen, dtype=D))
+    factor = regularised_cholesky(sum(grams), 1e-10)
+    up, down = fused_lora(ups, [a @ g for a, g in zip(downs, grams)], factor)
+    for u, a, g in zip(ups, downs, grams):
+        assert identity_loss(up, down, u, a, g) <= 1e-6
+    avg_up, avg_down = naive_lora(ups, downs, "average")
+    assert all(identity_loss(avg_up, avg_down, u, a, g) > 0.1 for u, a, g in zip(ups, downs, grams))
+
+
+def test_identity_loss_matches_brute_force_and_baselines():
+    W0, ups, downs, grams = _problem(seed=3)
+    up, down = naive_lora(ups, downs, "sum")
+    assert torch.allclose(up @ down, sum(u @ a for u, a in zip(ups, downs)))
+    up, down = naive_lora(ups, downs, "average")
+    X = up @ down - ups[0] @ downs[0]
+    own = ups[0] @ downs[0]
+    brute = torch.trace(X @ grams[0] @ X.T) / torch.trace(own @ grams[0] @ own.T)
+    assert abs(identity_loss(up, down, ups[0], downs[0], grams[0]) - float(brute)) < 1e-10
+    assert torch.isclose(lowrank_quadratic(ups[1], downs[1], grams[1]),
+                         torch.trace(own.new_tensor(ups[1] @ downs[1]) @ grams[1] @ (ups[1] @ downs[1]).T))
