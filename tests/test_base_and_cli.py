@@ -130,8 +130,9 @@ def test_cli_train_then_sample_is_deterministic(tiny_base, toys, tmp_path, monke
     cfg.write_text("sample_steps: 2\ntemplates: ['photo of a {}']\ncheckpoint_every: 0\n")
     pkg = tmp_path / "pkg"
     args = _train_args(tiny_base, toys / "blue-square", pkg, " ".join(words), cls)
-    code, out, err = run_cli([*args, "--config", str(cfg)], monkeypatch, capsys)
+    code, out, err = run_cli([*args, "--config", str(cfg), "--stats"], monkeypatch, capsys)
     assert code == 0, err
+    assert (pkg / "stats.safetensors").is_file()
     images = []
     for name in ("a.png", "b.png"):
         code, _, err = run_cli(["sample", "--base", str(tiny_base), "--concept", str(pkg), "--prompt",

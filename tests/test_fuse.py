@@ -233,3 +233,22 @@ def test_cli_fuse_prints_the_table(tiny_base, three_packages, tmp_path, monkeypa
     assert code == 0, err
     assert "identity loss" in out and "red-circle" in out
     assert sys.modules["server.fuse"]  # the CLI went through the server's fusion
+
+
+def test_preserve_keeps_generic_prompts_closer_to_the_base(tiny_base, three_packages, fused_three, tmp_path):
+    from server.fuse import GENERIC_PROMPTS
+    from shared.edlora import LayerwiseTextEncoder, TokenMap
+
+    fuse(tiny_base, three_packages, tmp_path / "kept", preserve=4, show_progress=False)
+
+    def encode(folder):
+        base = load_base(folder)
+        enc = LayerwiseTextEncoder(base.tokenizer, base.text_encoder, TokenMap(1))
+        with torch.no_grad():
+            return enc.encode(list(GENERIC_PROMPTS[:4]))
+
+    reference = encode(tiny_base)
+    drift = {name: float((encode(folder) - reference).norm()) for name, folder in
+             (("plain", fused_three["gradient"]), ("preserve", tmp_path / "kept"))}
+    assert drift["preserve"] < drift["plain"], drift
+    assert json.loads((tmp_path / "kept" / "concepts.json").read_text())["preserve"] == 4
