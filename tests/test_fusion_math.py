@@ -85,5 +85,5 @@ def test_identity_loss_matches_brute_force_and_baselines():
     own = ups[0] @ downs[0]
     brute = torch.trace(X @ grams[0] @ X.T) / torch.trace(own @ grams[0] @ own.T)
     assert abs(identity_loss(up, down, ups[0], downs[0], grams[0]) - float(brute)) < 1e-10
-    assert torch.isclose(lowrank_quadratic(ups[1], downs[1], grams[1]),
-                         torch.trace(own.new_tensor(ups[1] @ downs[1]) @ grams[1] @ (ups[1] @ downs[1]).T))
+    other = ups[1] @ downs[1]
+    assert torch.isclose(lowrank_quadratic(ups[1], downs[1], grams[1]), torch.trace(other @ grams[1] @ other.T))
