@@ -11,12 +11,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from cli import eval_fidelity, export_single_file, fuse, make_tiny_base, make_toy_concepts, sample, stats, train  # noqa: E402,I001
+from cli import (  # noqa: E402
+    demo,
+    eval_fidelity,
+    export_single_file,
+    fuse,
+    make_tiny_base,
+    make_toy_concepts,
+    sample,
+    stats,
+    train,
+)
 from shared.errors import UserError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated multi-concept customization of Stable Diffusion (Mix-of-Show).")
-for module in (make_tiny_base, make_toy_concepts, export_single_file, train, stats, fuse, sample):
+for module in (demo, make_tiny_base, make_toy_concepts, export_single_file, train, stats, fuse, sample):
     app.command(module.NAME, help=module.run.__doc__)(module.run)
 evaluate = typer.Typer(no_args_is_help=True, help="Evaluate fused models.")
 for module in (eval_fidelity,):
