@@ -87,3 +87,31 @@ def pull(store: Store, out: Path, version: str = "latest", lora_only: bool = Fal
                 raise UserError(f"{entry.key} has {got.size} bytes, the manifest says {entry.size}")
         (stage / MANIFEST).write_bytes(manifest.SerializeToString())
     return manifest
+
+
+def pull_from_registry(address: str, out: Path, version: str = "latest", lora_only: bool = False
+                       ) -> pb.FusedManifest:
+    """Download a version through a registry's presigned URLs, verifying every file."""
+    import hashlib
+    import urllib.request
+
+    from server.registry import fetch_manifest
+
+    check_fresh_output(Path(out), "--out")
+    manifest = fetch_manifest(address, version)
+    prefix = f"fused/{manifest.version}/"
+    with staged_dir(Path(out)) as stage:
+        for entry in manifest.files:
+            rel = entry.key[len(prefix):]
+            if lora_only and rel not in (LORA_FILE, CONCEPTS_FILE):
+                continue
+            if not entry.url:
+                raise UserError(f"registry {address} gives no download URLs (a file:// store): use --store")
+            with urllib.request.urlopen(entry.url, timeout=300) as response:
+                data = response.read()
+            if hashlib.sha256(data).hexdigest() != entry.sha256 or len(data) != entry.size:
+                raise UserError(f"{entry.key} from {address} does not match the manifest (sha256/size)")
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            (stage / rel).write_bytes(data)
+        (stage / MANIFEST).write_bytes(manifest.SerializeToString())
+    return manifest

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+NAME = "join"
+
+
+def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink"),
+        data: Path = typer.Option(..., "--data", help="this client's concept folder"),
+        words: str = typer.Option(..., "--words", help="the concept's new words, e.g. '<cat1> <cat2>'"),
+        class_word: str = typer.Option(..., "--class-word"),
+        base: Path = typer.Option(..., "--base", help="the base model (same weights as the server's)"),
+        name: str = typer.Option(None, "--name", help="concept/package name (default: the data folder's name)"),
+        work_dir: Path = typer.Option(Path.home() / ".mixshow" / "client", "--work-dir"),
+        port: int = typer.Option(9094, "--port", help="the SuperNode's local runtime port"),
+        root_cert: Path = typer.Option(None, "--root-cert", help="CA certificate of the SuperLink's TLS"),
+        insecure: bool = typer.Option(False, "--insecure"),
+        auth_key: Path = typer.Option(None, "--auth-key", help="SuperNode private key for node authentication"),
+        device: str = typer.Option("cpu", "--device"), dtype: str = typer.Option("float32", "--dtype")) -> None:
+    """Join a federation: check the data, then run a SuperNode with this client's node config (foreground)."""
+    import os
+    import sys
+
+    from client.dataset import load_examples
+    from shared.base import check_base_folder
+    from shared.errors import UserError
+
+    load_examples(data)
+    if Path(base).is_dir():
+        check_base_folder(Path(base))
+    if not insecure and root_cert is None:
+        raise UserError("--root-cert CA.pem is required unless --insecure")
+    node = {"name": name or data.resolve().name, "data-dir": str(data.resolve()), "words": words,
+            "class-word": class_word, "base": str(Path(base).resolve()), "work-dir": str(work_dir.resolve()),
+            "device": device, "dtype": dtype}
+    config = " ".join(f'{k}="{v}"' for k, v in node.items())
+    command = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", superlink, "--port", str(port),
+               "--node-config", config]
+    command += ["--insecure"] if insecure else ["--root-certificates", str(root_cert)]
+    if auth_key:
+        command += ["--auth-supernode-private-key", str(auth_key)]
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.execv(command[0], command)

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+NAME = "round"
+
+
+def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink"),
+        store: str = typer.Option(..., "--store", help="s3://bucket/prefix or file:///path"),
+        base: Path = typer.Option(..., "--base", help="the base model, as the server sees it"),
+        min_clients: int = typer.Option(2, "--min-clients"),
+        timeout: float = typer.Option(1800, "--timeout", help="seconds to wait for the clients' replies"),
+        steps: int = typer.Option(0, "--steps", help="training steps per client (0: the clients' default)"),
+        resolution: int = typer.Option(0, "--resolution"),
+        retrain: bool = typer.Option(False, "--retrain", help="clients retrain even if they have a package"),
+        root_cert: Path = typer.Option(None, "--root-cert", help="CA certificate of the SuperLink's TLS"),
+        insecure: bool = typer.Option(False, "--insecure", help="plain-text connection (tests, loopback)")) -> None:
+    """Launch a fusion round on a SuperLink and follow it to the end (exit 1 when it failed)."""
+    from rich import print
+
+    from server.launch import launch_round
+    from shared.storage import open_store
+
+    open_store(store)  # a wrong store fails here, not inside the round
+    record = launch_round(superlink, {"store": store, "base": str(Path(base).resolve()), "min-clients": min_clients,
+                                      "timeout": timeout, "steps": steps, "resolution": resolution,
+                                      "retrain": retrain}, root_cert, insecure, timeout=timeout + 600)
+    print(f"round finished: {record['status']}")

@@ -1,0 +1,91 @@
+"""Launch a fusion round on a SuperLink with `flwr run` and follow it to its end.
+
+`flwr run` exits 0 even when the run failed, so the outcome is read from `flwr ls`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from shared.errors import UserError
+
+APP_DIR = Path(__file__).resolve().parents[1]
+CONNECTION = "mixshow"
+
+
+def flwr_env(superlink: str, root_cert: Path | None, insecure: bool) -> dict[str, str]:
+    """Environment for the flwr CLI with a connection named `mixshow` to `superlink`."""
+    home = Path(os.environ.get("FLWR_HOME") or tempfile.mkdtemp(prefix="mixshow-flwr-"))
+    home.mkdir(parents=True, exist_ok=True)
+    lines = [f"[superlink.{CONNECTION}]", f'address = "{superlink}"']
+    lines.append("insecure = true" if insecure else f'root-certificates = "{Path(root_cert).resolve()}"')
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def check_superlink(superlink: str, root_cert: Path | None, insecure: bool, timeout: float = 5.0) -> None:
+    """GET /health on the SuperLink, or a UserError saying it cannot be reached."""
+    scheme = "http" if insecure else "https"
+    context = None
+    if not insecure:
+        import ssl
+
+        if root_cert is None:
+            raise UserError("--root-cert CA.pem is required unless --insecure")
+        context = ssl.create_default_context(cafile=str(root_cert))
+    try:
+        with urllib.request.urlopen(f"{scheme}://{superlink}/health", timeout=timeout, context=context) as r:
+            if r.status != 200:
+                raise UserError(f"SuperLink {superlink} is not healthy (HTTP {r.status})")
+    except OSError as exc:
+        raise UserError(f"SuperLink {superlink} is unreachable ({exc}); is it running?") from exc
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(str(value))
+
+
+def launch_round(superlink: str, run_config: dict, root_cert: Path | None = None, insecure: bool = False,
+                 poll: float = 3.0, timeout: float = 3600.0, log=print) -> dict:
+    """Start the round, wait for it to finish; return the run's status record (UserError when it failed)."""
+    check_superlink(superlink, root_cert, insecure)
+    env = flwr_env(superlink, root_cert, insecure)
+    flwr = shutil.which("flwr", path=env["PATH"]) or "flwr"
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+    started = subprocess.run([flwr, "run", str(APP_DIR), CONNECTION, "--run-config", overrides], env=env,
+                             capture_output=True, text=True, timeout=300)
+    match = re.search(r"run (\d+)", started.stdout + started.stderr)
+    if started.returncode != 0 or not match:
+        raise UserError(f"flwr run failed: {(started.stderr or started.stdout).strip()[-400:]}")
+    run_id = match.group(1)
+    log(f"run {run_id} started on {superlink}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = subprocess.run([flwr, "ls", CONNECTION, "--run-id", run_id, "--format", "json"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        try:
+            runs = json.loads(listed.stdout)["runs"]
+            status = runs[0]["status"]
+        except (json.JSONDecodeError, KeyError, IndexError):
+            status = "unknown"
+        if status.startswith("finished"):
+            if status != "finished:completed":
+                raise UserError(f"round run {run_id} ended {status}: {runs[0].get('status-details', '')}")
+            return runs[0]
+        time.sleep(poll)
+    raise UserError(f"round run {run_id} did not finish within {timeout:.0f} s")
