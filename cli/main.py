@@ -30,8 +30,9 @@ from shared.errors import UserError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated multi-concept customization of Stable Diffusion (Mix-of-Show).")
-for module in (demo, make_tiny_base, make_toy_concepts, export_single_file, train, stats, fuse, sample, join, launch_round,
-               pull, registry):
+VERBS = (demo, make_tiny_base, make_toy_concepts, export_single_file, train, stats, fuse, sample, join, launch_round,
+         pull, registry)
+for module in VERBS:
     app.command(module.NAME, help=module.run.__doc__)(module.run)
 evaluate = typer.Typer(no_args_is_help=True, help="Evaluate fused models.")
 for module in (eval_fidelity,):
