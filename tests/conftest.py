@@ -12,6 +12,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+import logging  # noqa: E402
+
 from client.config import TrainConfig  # noqa: E402
 from shared.tiny_base import make_tiny_base  # noqa: E402
 from shared.toy_concepts import make_toy_concepts  # noqa: E402
@@ -78,3 +80,30 @@ def fused_three(tiny_base, three_packages, tmp_path_factory) -> dict[str, Path]:
         out[method] = root / method
         fuse(tiny_base, three_packages, out[method], method=method, show_progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    from minio import Minio
+
+    monkeypatch.setenv("MIXSHOW_S3_ENDPOINT", s3_server)
+    monkeypatch.setenv("MIXSHOW_S3_ACCESS_KEY", "testing")
+    monkeypatch.setenv("MIXSHOW_S3_SECRET_KEY", "testing")
+    monkeypatch.setenv("MIXSHOW_S3_SECURE", "0")
+    monkeypatch.setenv("MIXSHOW_S3_REGION", "us-east-1")
+    client = Minio(s3_server, access_key="testing", secret_key="testing", secure=False, region="us-east-1")
+    if not client.bucket_exists("mixshow"):
+        client.make_bucket("mixshow")
+    return client

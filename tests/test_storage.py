@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import urllib.request
 
@@ -10,33 +9,6 @@ import pytest
 
 from shared.errors import UserError
 from shared.storage import FileStore, IntegrityError, open_store
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    from minio import Minio
-
-    monkeypatch.setenv("MIXSHOW_S3_ENDPOINT", s3_server)
-    monkeypatch.setenv("MIXSHOW_S3_ACCESS_KEY", "testing")
-    monkeypatch.setenv("MIXSHOW_S3_SECRET_KEY", "testing")
-    monkeypatch.setenv("MIXSHOW_S3_SECURE", "0")
-    monkeypatch.setenv("MIXSHOW_S3_REGION", "us-east-1")
-    client = Minio(s3_server, access_key="testing", secret_key="testing", secure=False, region="us-east-1")
-    if not client.bucket_exists("mixshow"):
-        client.make_bucket("mixshow")
-    return client
 
 
 @pytest.fixture(params=["file", "s3"])

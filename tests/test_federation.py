@@ -1,0 +1,130 @@
+"""End to end on loopback: a real SuperLink and two real SuperNodes (subprocesses), an S3 server
+(moto) through the minio client, two toy concepts on the tiny base.
+
+The clients hold no storage credentials: they upload through presigned PUT URLs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from server.fuse import fuse
+from server.launch import launch_round
+from shared.checkpoints import latest, pull
+from shared.errors import UserError
+from shared.fused_model import expand_prompt, load_fused
+from shared.sampling import generate
+from shared.storage import open_store
+from tests.conftest import TOY_WORDS
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def federation(tmp_path, tiny_base, toys, s3_env, s3_server):
+    """SuperLink (with the store's credentials, for the ServerApp) + 2 SuperNodes (without any)."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    base_env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                    PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    client_env = {k: v for k, v in base_env.items() if not k.startswith("MIXSHOW_S3_")}
+    port = free_port()
+    procs = [start([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                    "--disable-runtime-dependency-installation"], base_env, tmp_path / "superlink.log")]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "superlink.log").read_text()[-2000:]) from None
+                time.sleep(0.5)
+        for name in ("red-circle", "blue-square"):
+            words, cls = TOY_WORDS[name]
+            node = {"name": name, "data-dir": toys / name, "words": " ".join(words), "class-word": cls,
+                    "base": tiny_base, "work-dir": tmp_path / "clients" / name}
+            config = " ".join(f'{k}="{v}"' for k, v in node.items())
+            procs.append(start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                                "--port", str(free_port()), "--node-config", config], client_env,
+                               tmp_path / f"supernode-{name}.log"))
+        yield f"127.0.0.1:{port}", procs
+    finally:
+        stop(procs)
+        assert all(p.poll() is not None for p in procs)
+
+
+def test_round_publishes_and_matches_offline_fusion(federation, tiny_base, tmp_path, monkeypatch):
+    superlink, procs = federation
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    store_url = "s3://mixshow/e2e"
+    record = launch_round(superlink, {"store": store_url, "base": str(tiny_base), "min-clients": 2, "timeout": 600,
+                                      "wait": 60, "steps": 15, "resolution": 64, "stats-samples": 1},
+                          insecure=True, poll=2, timeout=900, log=lambda *_: None)
+    assert record["status"] == "finished:completed"
+    store = open_store(store_url)
+    assert latest(store) == "v0001"
+    manifest = pull(store, tmp_path / "pulled")
+    assert sorted(manifest.concepts) == ["blue-square", "red-circle"]
+    # the same packages fused offline give the same weights
+    round_keys = [k for k in store.list("rounds/") if k.endswith("concept.json")]
+    assert len(round_keys) == 2
+    packages = []
+    for key in round_keys:
+        folder = tmp_path / "offline" / key.split("/")[2]
+        for name in ("concept.json", "edlora.safetensors", "stats.safetensors"):
+            store.get_file(key.replace("concept.json", name), folder / name)
+        packages.append(folder)
+    order = {c: i for i, c in enumerate(manifest.concepts)}
+    packages.sort(key=lambda p: order[__import__("json").loads((p / "concept.json").read_text())["name"]])
+    fuse(tiny_base, packages, tmp_path / "offline-fused", show_progress=False)
+    for sub in ("unet", "text_encoder"):
+        a = load_file(str(next((tmp_path / "pulled" / sub).glob("*.safetensors"))))
+        b = load_file(str(next((tmp_path / "offline-fused" / sub).glob("*.safetensors"))))
+        assert max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)) for k in a) <= 1e-6
+    base, encoder, concepts = load_fused(tmp_path / "pulled")
+    images = [generate(base, encoder, [expand_prompt(f"a photo of a <{c}>", concepts)], seed=0, steps=3, height=64,
+                       width=64)[0] for c in manifest.concepts]
+    assert images[0].tobytes() != images[1].tobytes()
+    assert torch.tensor(list(images[0].getdata())).float().std() > 0
+
+
+def test_round_against_a_missing_superlink_fails_cleanly(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    with pytest.raises(UserError, match="unreachable"):
+        launch_round(f"127.0.0.1:{free_port()}", {"store": "file:///tmp/x"}, insecure=True)
