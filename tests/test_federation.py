@@ -128,3 +128,27 @@ def test_round_against_a_missing_superlink_fails_cleanly(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     with pytest.raises(UserError, match="unreachable"):
         launch_round(f"127.0.0.1:{free_port()}", {"store": "file:///tmp/x"}, insecure=True)
+
+
+def test_server_rejects_an_upload_changed_after_its_manifest(three_packages, tiny_base, s3_env, tmp_path):
+    from client.round import upload
+    from protos import mixshow_pb2 as pb
+    from server.round import round_config, verify
+    from shared.base import load_base
+    from shared.storage import IntegrityError
+
+    store = open_store(f"s3://mixshow/{tmp_path.name}")
+    base = load_base(tiny_base)
+    manifests = {}
+    for node, pkg in enumerate(three_packages[:2]):
+        config = round_config(store, type("S", (), {"steps": 0, "resolution": 0, "stats_samples": 0,
+                                                    "retrain": False})(), "r1", node, base.fingerprint)
+        assert config.upload_urls and not config.store_url  # clients get URLs, not credentials
+        manifests[node] = pb.ConceptManifest(files=upload(config, pkg))
+    key = "rounds/r1/1/edlora.safetensors"
+    data = bytearray(store.get_bytes(key))
+    data[-1] ^= 0xFF
+    store.put_bytes(key, bytes(data))  # the bytes change after the client's manifest was made
+    verify(store, manifests[0], "rounds/r1/0/", base, tmp_path / "ok")
+    with pytest.raises(IntegrityError, match="manifest"):
+        verify(store, manifests[1], "rounds/r1/1/", base, tmp_path / "bad")
