@@ -152,3 +152,43 @@ def test_server_rejects_an_upload_changed_after_its_manifest(three_packages, tin
     verify(store, manifests[0], "rounds/r1/0/", base, tmp_path / "ok")
     with pytest.raises(IntegrityError, match="manifest"):
         verify(store, manifests[1], "rounds/r1/1/", base, tmp_path / "bad")
+
+
+def _kill_when_training(proc: subprocess.Popen, log: Path, deadline: float = 300) -> None:
+    """SIGKILL a SuperNode (and its ClientApp) as soon as it has taken the round's message."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end and proc.poll() is None:
+        if "flwr-clientapp" in log.read_text(errors="replace"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("min_clients", [1, 2])
+def test_a_client_killed_mid_round(min_clients, federation, tiny_base, fused_three, tmp_path, monkeypatch):
+    import threading
+
+    from shared.checkpoints import publish
+
+    superlink, procs = federation
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    store_url = f"s3://mixshow/kill-{min_clients}"
+    store = open_store(store_url)
+    previous = publish(store, fused_three["average"]).version
+    victim = threading.Thread(target=_kill_when_training, args=(procs[2], tmp_path / "supernode-blue-square.log"))
+    victim.start()
+    settings = {"store": store_url, "base": str(tiny_base), "min-clients": min_clients, "timeout": 600, "wait": 60,
+                "steps": 10, "resolution": 64, "stats-samples": 1}
+    try:
+        if min_clients == 1:
+            launch_round(superlink, settings, insecure=True, poll=2, timeout=900, log=lambda *_: None)
+            assert latest(store) != previous
+            manifest = pull(store, tmp_path / "pulled")
+            assert list(manifest.concepts) == ["red-circle"]
+        else:
+            with pytest.raises(UserError, match="ended finished:failed"):
+                launch_round(superlink, settings, insecure=True, poll=2, timeout=900, log=lambda *_: None)
+            assert latest(store) == previous
+    finally:
+        victim.join()
+    assert procs[2].poll() is not None  # the victim really died
