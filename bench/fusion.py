@@ -239,13 +239,20 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def cpu_times() -> tuple[int, int] | None:
-    """(steal, total) jiffies of all CPUs so far, from /proc/stat."""
+def cpu_times() -> tuple[int, int, int] | None:
+    """(steal, busy, total) jiffies of all CPUs so far, from /proc/stat."""
     try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     except (OSError, ValueError):
         return None
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+    fields += [0] * (8 - len(fields))
+    total = sum(fields)
+    return fields[7], total - fields[3] - fields[4], total
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def reset_peak() -> bool:
@@ -503,7 +510,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    start, cpu0 = time.perf_counter(), cpu_times()
+    start, cpu0, own0 = time.perf_counter(), cpu_times(), own_cpu_seconds()
     N = args.concepts
     load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     print(f"fusion bench: torch {torch.__version__}, {torch.get_num_threads()} threads{load}, {N} concepts, "
@@ -555,11 +562,13 @@ def main() -> None:
     print(f"(d) tri16 read back with Stats.normalised, first site of each kind and width, all {N} concepts' Grams "
           f"through tri16 files, max ||W_tri16 - W_exact||_F / ||W_exact - W0||_F: {groups} | goal <= "
           f"{GOAL_TRI16:g}: {'met' if err <= GOAL_TRI16 else 'MISSED'}", flush=True)
-    steal, end = "", cpu_times()
-    if cpu0 and end and end[1] > cpu0[1]:
-        steal = f", CPU time stolen by the hypervisor {100 * (end[0] - cpu0[0]) / (end[1] - cpu0[1]):.1f}%"
-    load = f", load average now {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    print(f"bench wall time {time.perf_counter() - start:.0f} s{steal}{load}", flush=True)
+    noise, end = "", cpu_times()
+    if cpu0 and end and end[2] > cpu0[2]:
+        hz, wall = os.sysconf("SC_CLK_TCK"), time.perf_counter() - start
+        others = (end[1] - cpu0[1]) / hz - (own_cpu_seconds() - own0)
+        noise = (f"; other processes used {100 * max(others, 0.0) / (wall * (os.cpu_count() or 1)):.0f}% of the "
+                 f"CPUs meanwhile, hypervisor steal {100 * (end[0] - cpu0[0]) / (end[2] - cpu0[2]):.1f}%")
+    print(f"bench wall time {time.perf_counter() - start:.0f} s{noise}", flush=True)
 
 
 if __name__ == "__main__":
