@@ -9,7 +9,6 @@ spatial layers from the clients' Grams. Each layer: one Cholesky per input site 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from shared.grams import GramRecorder, group_sites, is_text_side, site_of
 from shared.package import META_FILE, WEIGHTS_FILE, ConceptMeta, read_package
 from shared.sampling import generate
 from shared.stats_file import Stats
+from shared.storage import sha256_file
 
 METHODS = ("gradient", "average", "sum")
 DEFAULT_LAM = 1e-4
@@ -56,14 +56,6 @@ class Source:
     stats: Stats | None
     path: Path
     sha256: dict[str, str] = field(default_factory=dict)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_source(path: Path, base: Base, need_stats: bool) -> Source:
@@ -93,7 +85,7 @@ def read_source(path: Path, base: Base, need_stats: bool) -> Source:
     stats = Stats(Path(path) / STATS_NAME) if need_stats or has_stats else None
     if stats is not None and stats.info.get("base_fingerprint", base.fingerprint) != base.fingerprint:
         raise UserError(f"stats of {path} were recorded on another base; rerun `mixshow stats`")
-    hashes = {name: file_sha256(Path(path) / name) for name in (META_FILE, WEIGHTS_FILE, STATS_NAME)
+    hashes = {name: sha256_file(Path(path) / name) for name in (META_FILE, WEIGHTS_FILE, STATS_NAME)
               if (Path(path) / name).is_file()}
     return Source(meta, tensors, stats, Path(path), hashes)
 

@@ -94,6 +94,21 @@ def _check(key: str, data_sha: str, recorded: str | None, expected: str | None, 
                              f"{expected[:12]}")
 
 
+def _download_checked(fetch, key: str, dest: Path, meta: ObjectInfo, sha256: str | None, where: str) -> ObjectInfo:
+    """fetch(tmp) writes the object to a temporary file beside `dest`; it becomes `dest` only if it verifies."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fetch(tmp)
+        _check(key, sha256_file(tmp), meta.sha256 or None, sha256, where)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dest)
+    return meta
+
+
 class FileStore(Store):
     """Objects as files under a root folder, each with a `.sha256` sidecar."""
 
@@ -140,17 +155,8 @@ class FileStore(Store):
         meta = self.info(key)
         if meta is None:
             raise UserError(f"{self.url}/{key} does not exist")
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(self._path(key), tmp)
-        try:
-            _check(key, sha256_file(tmp), meta.sha256 or None, sha256, self.url)
-        except IntegrityError:
-            tmp.unlink()
-            raise
-        os.replace(tmp, dest)
-        return meta
+        return _download_checked(lambda tmp: shutil.copyfile(self._path(key), tmp), key, dest, meta, sha256,
+                                 self.url)
 
     def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
         meta = self.info(key)
@@ -294,17 +300,9 @@ class S3Store(Store):
         meta = self.info(key)
         if meta is None:
             raise UserError(f"{self.url}/{key} does not exist")
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-        self._retry(lambda: self.client.fget_object(self.bucket, self._name(key), str(tmp)), f"download {key}")
-        try:
-            _check(key, sha256_file(tmp), meta.sha256 or None, sha256, self.url)
-        except IntegrityError:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, dest)
-        return meta
+        return _download_checked(
+            lambda tmp: self._retry(lambda: self.client.fget_object(self.bucket, self._name(key), str(tmp)),
+                                    f"download {key}"), key, dest, meta, sha256, self.url)
 
     def list(self, prefix: str) -> list[str]:
         start = len(self.prefix) + 1 if self.prefix else 0
