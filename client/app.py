@@ -14,14 +14,8 @@ from protos import mixshow_pb2 as pb  # noqa: E402
 
 
 def node_settings(context: Context) -> NodeSettings:
-    """From the SuperNode's node config, or, in the demo's simulation, from the run's concept table."""
-    node = dict(context.node_config)
-    table = context.run_config.get("demo-nodes")
-    if table and "partition-id" in node:
-        import json
-
-        node.update(json.loads(str(table))[int(node["partition-id"])])
-    return NodeSettings.from_node_config(node)
+    """This client's settings, from the SuperNode's node config (set by `mixshow join`)."""
+    return NodeSettings.from_node_config(dict(context.node_config))
 
 
 def handle(msg: Message, context: Context) -> Message:
