@@ -13,8 +13,8 @@ input sites by shared.grams.group_sites. Weights, LoRAs and activations are rand
     (b) closed form vs the reference's L-BFGS (from W0, on raw activations) on a subset of layers,
         both scored with shared.fusion.objective on the normalised Grams of the same rows
     (c) adding one concept to a fused model of 1 and of N concepts (S += Ĝ, its A Ĝ, re-solve all)
-    (d) one concept's stats file at SD 1.5 shapes, packings full32 and tri16 (and tri32), and the
-        fusion error of tri16
+    (d) one concept's stats file at SD 1.5 shapes, packings full32, tri32, tri16 and compact (the
+        default), and the fusion error of compact
 
 Grams are made once per concept and site (setup, never timed): for the short text sites from
 explicit rows X = Z·M; for the UNet spatial sites (20·h·w rows) by sampling Z^T Z as a Wishart
@@ -43,14 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from shared.fusion import fused_lora, objective, regularised_cholesky  # noqa: E402
+from shared.fusion import absolute_lam, fused_lora, fused_lora_rows, objective, regularised_cholesky  # noqa: E402
 from shared.grams import group_sites, is_text_side  # noqa: E402
 from shared.stats_file import Stats, gram_key, write_stats  # noqa: E402
 
 F64 = torch.float64
 LAM = 1e-4  # relative regulariser, as server.fuse.DEFAULT_LAM: lam_abs = LAM * tr(S) / d
 STEPS = 20  # sampler steps recorded per concept for the spatial Grams (the reference recipe)
-LBFGS_STEPS = 2  # default steps of raw spatial rows per concept held for the L-BFGS comparison (--lbfgs-steps)
+LBFGS_STEPS = 20  # steps of raw spatial rows per concept held for the L-BFGS comparison (--lbfgs-steps to cut)
 TEXT_ROWS = 176  # text-encoder rows per concept (prompt templates x token positions)
 KV_ROWS = 6  # text-side rows per concept for cross-attention k/v
 LATENT = 512 // 8  # latent side at 512 px
@@ -58,7 +58,7 @@ BASES = 2  # distinct spatial Grams generated per site
 ADD_REPS = 5  # timed runs of each incremental add in (c)
 FUSE_REPS = 3  # runs of the full fusion in (a); the first also gives the peak memory
 CF_REPS = 5  # runs of each layer's closed form in (b)
-GOAL_SPEEDUP, GOAL_ADD_RATIO, GOAL_STATS_MB, GOAL_TRI16 = 1000.0, 1.5, 100.0, 1e-3
+GOAL_SPEEDUP, GOAL_ADD_RATIO, GOAL_STATS_MB, GOAL_PACKED = 1000.0, 1.5, 100.0, 1e-3
 DESIGN_SECONDS = 8.0  # DESIGN §2.3: all 104 sites, 14 concepts, fp64, 2 cores, unoptimised
 
 
@@ -184,8 +184,7 @@ def site_sum(grams: list[torch.Tensor]) -> torch.Tensor:
 
 
 def site_factor(S: torch.Tensor) -> torch.Tensor:
-    d = S.shape[0]
-    return regularised_cholesky(S, LAM * max(float(S.diagonal().sum()) / d, 1e-12))
+    return regularised_cholesky(S, absolute_lam(S, LAM))
 
 
 def agram_rows(downs: list[torch.Tensor], gram: torch.Tensor) -> list[torch.Tensor]:
@@ -328,9 +327,16 @@ def child(args: argparse.Namespace) -> None:
     del olds
     gc.collect()
 
-    # (d) one concept's stats file (client-side sites) for real, and the tri16 fusion error
+    # (d) one concept's stats file (client-side sites) for real, and the compact packing's fusion error
     res.update(stats_file(sites, grams, ups, downs, N))
     Path(args.result).write_text(json.dumps(res))
+
+
+PACKED = ("full32", "tri32", "tri16", "compact")
+
+
+def read_key(reader: Stats, layer: dict) -> str:
+    return reader.key_for(layer["model"], layer["module"])
 
 
 def stats_file(sites: dict[str, list[dict]], grams: dict, ups: list, downs: list, N: int) -> dict:
@@ -346,29 +352,29 @@ def stats_file(sites: dict[str, list[dict]], grams: dict, ups: list, downs: list
     out: dict = {"stats_sites": len(client)}
     with tempfile.TemporaryDirectory() as tmp:
         g, rows, al = payload(0, list(client))
-        for packing in ("full32", "tri32", "tri16"):
+        for packing in PACKED:
             path = Path(tmp) / f"stats_{packing}.safetensors"
             t = time.perf_counter()
             write_stats(path, g, rows, al, {}, packing)
             out[f"write_{packing}_s"] = time.perf_counter() - t
             out[f"bytes_{packing}"] = path.stat().st_size
         del g
-        # tri16 error: the first site of each (kind, width); every concept's Ĝ goes through a tri16 file
+        # compact error: the first site of each (kind, width); every concept's Ĝ goes through a compact file
         firsts: dict[tuple, str] = {}
         for site, la in client.items():
             firsts.setdefault((la[0]["kind"], la[0]["d_in"]), site)
         chosen = list(firsts.values())
-        paths = [Path(tmp) / "stats_tri16.safetensors"]
+        paths = [Path(tmp) / "stats_compact.safetensors"]
         for i in range(1, N):
             g, rows, al = payload(i, chosen)
             paths.append(Path(tmp) / f"few_{i}.safetensors")
-            write_stats(paths[-1], g, rows, al, {}, "tri16")
+            write_stats(paths[-1], g, rows, al, {}, "compact")
         readers = [Stats(p) for p in paths]
         worst: dict[str, dict] = {}  # model -> largest fused-weight error, where, largest Gram error
         for site in chosen:
             d = client[site][0]["d_in"]
             layer0 = client[site][0]
-            read = [r.normalised(r.key_for(layer0["model"], layer0["module"]), d) for r in readers]
+            read = [r.normalised(read_key(r, layer0), d) for r in readers]
             exact = grams[site][:N]
             g_err = max(float((r - e).norm() / e.norm()) for r, e in zip(read, exact))
             f_exact, f_read = site_factor(site_sum(exact)), site_factor(site_sum(read))
@@ -383,7 +389,8 @@ def stats_file(sites: dict[str, list[dict]], grams: dict, ups: list, downs: list
                 if err > best["err"]:
                     best.update(err=err, where=q)
             worst[layer0["model"]]["sites"] += 1
-        out.update(tri16=worst, tri16_sites=len(chosen))
+            worst[layer0["model"]].setdefault("encodings", {})[readers[0].encoding(read_key(readers[0], layer0))] = 1
+        out.update(packed=worst, packed_sites=len(chosen))
     return out
 
 
@@ -458,10 +465,16 @@ def compare(layers: list[dict], concepts: int, rank: int, seed: int, which: str,
         t = time.perf_counter()
         grams = [(x.to(F64).T @ x.to(F64)) / n for x in Xs]
         t_gram = time.perf_counter() - t
+        row_form = layer["kind"] == "attn2.kv" and concepts * n < d_in
         runs = []
         for _ in range(CF_REPS):
             t = time.perf_counter()
-            up, down = closed_form(grams, ups, downs)
+            if row_form:  # the server computes these rows itself (fused text encoder): the n x n row form
+                X64 = [x.to(F64) for x in Xs]
+                lam_rows = LAM * sum(float((x * x).sum()) / x.shape[0] for x in X64) / d_in
+                up, down = fused_lora_rows(ups, downs, X64, lam_rows)
+            else:
+                up, down = closed_form(grams, ups, downs)
             runs.append(time.perf_counter() - t)
         t_cf = statistics.median(runs)
         S = site_sum(grams)
@@ -478,9 +491,11 @@ def compare(layers: list[dict], concepts: int, rank: int, seed: int, which: str,
         tot_cf, tot_lb = tot_cf + t_cf, tot_lb + t_lb
         worse += f_cf > f_lb * (1 + 1e-12)
         rows = f"{steps} steps x {layer['hw']}" if layer["hw"] else f"{n}"
+        form = "row form, n x n" if row_form else "Cholesky of S, d x d"
         stop = ", stopped by its tolerances" if n_iter < iters else ""
         print(f"(b)   {qual(layer)} [{layer['kind']} {d_in}->{d_out}, {rows} rows/concept]: "
-              f"closed {t_cf * 1e3:.1f} ms (median of {CF_REPS}), L-BFGS {t_lb:.2f} s (one run incl. its targets, "
+              f"closed {t_cf * 1e3:.1f} ms ({form}; median of {CF_REPS}), "
+              f"L-BFGS {t_lb:.2f} s (one run incl. its targets, "
               f"{n_iter} it of max {iters}{stop}, {n_eval} evals), "
               f"objective closed {f_cf:.6e} vs L-BFGS {f_lb:.6e} (L-BFGS {100 * (f_lb - f_cf) / f_cf:+.3g}%), "
               f"||W_lbfgs-W*||/||W*-W0|| {gap:.3g}, speed {t_lb / t_cf:,.0f}x | goal >= {GOAL_SPEEDUP:,.0f}x, "
@@ -549,19 +564,21 @@ def main() -> None:
           f"({lo1:.2f}-{hi1:.2f}), of {N} concepts {tn:.2f} s ({lon:.2f}-{hin:.2f}), ratio {tn / t1:.2f}x | "
           f"goal <= {GOAL_ADD_RATIO}x: {'met' if tn / t1 <= GOAL_ADD_RATIO else 'MISSED'}", flush=True)
     parts = []
-    for packing in ("full32", "tri16", "tri32"):
+    for packing in PACKED:
         mb = res[f"bytes_{packing}"] / 1e6
         parts.append(f"{packing} {mb:.1f} MB ({'met' if mb <= GOAL_STATS_MB else 'MISSED'}, "
                      f"written in {res[f'write_{packing}_s']:.1f} s)")
     sizes = ", ".join(parts)
     print(f"(d) one concept's stats file, {res['stats_sites']} client-side sites (text encoder + UNet spatial; "
           f"1 MB = 10^6 bytes): {sizes} | goal <= {GOAL_STATS_MB:.0f} MB per concept", flush=True)
-    err = max(v["err"] for v in res["tri16"].values())
-    groups = "; ".join(f"{model} ({v['sites']} sites): {v['err']:.2e} at {v['where']} (Gram itself: max "
-                       f"||G_tri16 - G||_F/||G||_F {v['gram_err']:.1e})" for model, v in res["tri16"].items())
-    print(f"(d) tri16 read back with Stats.normalised, first site of each kind and width, all {N} concepts' Grams "
-          f"through tri16 files, max ||W_tri16 - W_exact||_F / ||W_exact - W0||_F: {groups} | goal <= "
-          f"{GOAL_TRI16:g}: {'met' if err <= GOAL_TRI16 else 'MISSED'}", flush=True)
+    err = max(v["err"] for v in res["packed"].values())
+    groups = "; ".join(f"{model} ({v['sites']} sites, encodings {'/'.join(sorted(v['encodings']))}): {v['err']:.2e} "
+                       f"at {v['where']} (Gram itself: max ||G_packed - G||_F/||G||_F {v['gram_err']:.1e})"
+                       for model, v in res["packed"].items())
+    print(f"(d) compact (the default packing) read back with Stats.normalised, first site of each kind and width, "
+          f"all {N} concepts' Grams through compact files, max ||W_packed - W_exact||_F / ||W_exact - W0||_F "
+          f"(relative to the fused CHANGE, stricter than to W): {groups} | goal <= {GOAL_PACKED:g}: "
+          f"{'met' if err <= GOAL_PACKED else 'MISSED'}", flush=True)
     noise, end = "", cpu_times()
     if cpu0 and end and end[2] > cpu0[2]:
         hz, wall = os.sysconf("SC_CLK_TCK"), time.perf_counter() - start

@@ -24,7 +24,9 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     from shared.atomic import check_fresh_output
     from shared.checkpoints import pull
     from shared.fused_model import expand_prompt, load_fused
+    from shared.regional import Box
     from shared.sampling import generate, image_grid
+    from shared.scene import Region, Scene, overlay, render
     from shared.storage import open_store
     from shared.tiny_base import make_tiny_base
     from shared.toy_concepts import make_toy_concepts
@@ -53,9 +55,16 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     console.print(table_of(json.loads((out / "pulled" / "fusion_report.json").read_text())))
     model, encoder, fused = load_fused(out / "pulled", device)
     prompts = [f"a photo of a <{c['name']}>" for c in fused]
-    prompts.append("a photo of " + " and ".join(f"a <{c['name']}>" for c in fused))
     images = generate(model, encoder, [expand_prompt(p, fused) for p in prompts], seed=1, steps=20,
                       height=resolution, width=resolution)
-    image_grid([images], ["fused model"], [p[:28] for p in prompts]).save(out / "samples.png")
+    boxes = [Box(0.0, 0.0, 0.55, 0.5), Box(0.0, 0.5, 0.55, 1.0), Box(0.45, 0.25, 1.0, 0.75)]
+    scene = Scene(prompt="a photo of " + " and ".join(f"a <{c['name']}>" for c in fused), seed=1, steps=20,
+                  height=resolution, width=resolution,
+                  regions=[Region(f"a photo of a <{c['name']}>", box) for c, box in zip(fused, boxes)])
+    together = render(model, encoder, scene, lambda text: expand_prompt(text, fused))[0]
+    overlay(together, scene).save(out / "scene_overlay.png")
+    image_grid([[*images, together]], ["fused model"], [p[:28] for p in prompts] + ["all three, by region"]
+               ).save(out / "samples.png")
     console.print(f"pulled {manifest.version} ({len(manifest.files)} files, all sha256-verified) to {out / 'pulled'}")
-    console.print(f"samples: {out / 'samples.png'}   total {time.time() - start:.0f} s")
+    console.print(f"samples: {out / 'samples.png'}, regions: {out / 'scene_overlay.png'}   "
+                  f"total {time.time() - start:.0f} s")

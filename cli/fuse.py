@@ -26,10 +26,11 @@ def run(base: Path = typer.Option(None, "--base", help="base model (default with
     """Fuse concept packages into one model in closed form (or add/withdraw concepts of a fused model)."""
     from rich.console import Console
 
-    from server.fuse import DEFAULT_LAM, fuse
+    from server.fuse import fuse
     from server.report import table_of
     from shared.device import parse_device, parse_dtype
     from shared.errors import UserError
+    from shared.fusion import DEFAULT_LAM
 
     packages = list(concept or []) + list(add or [])
     if add and not from_dir:

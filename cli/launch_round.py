@@ -12,8 +12,11 @@ def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the
         base: Path = typer.Option(..., "--base", help="the base model, as the server sees it"),
         min_clients: int = typer.Option(2, "--min-clients"),
         timeout: float = typer.Option(1800, "--timeout", help="seconds to wait for the clients' replies"),
+        wait: float = typer.Option(120, "--wait", help="seconds to wait for --min-clients nodes to connect"),
         steps: int = typer.Option(0, "--steps", help="training steps per client (0: the clients' default)"),
         resolution: int = typer.Option(0, "--resolution"),
+        stats_samples: int = typer.Option(0, "--stats-samples", help="images sampled per client for its Grams "
+                                                                    "(0: the clients' default)"),
         retrain: bool = typer.Option(False, "--retrain", help="clients retrain even if they have a package"),
         root_cert: Path = typer.Option(None, "--root-cert", help="CA certificate of the SuperLink's TLS"),
         insecure: bool = typer.Option(False, "--insecure", help="plain-text connection (tests, loopback)")) -> None:
@@ -25,6 +28,7 @@ def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the
 
     open_store(store)  # a wrong store fails here, not inside the round
     record = launch_round(superlink, {"store": store, "base": str(Path(base).resolve()), "min-clients": min_clients,
-                                      "timeout": timeout, "steps": steps, "resolution": resolution,
-                                      "retrain": retrain}, root_cert, insecure, timeout=timeout + 600)
+                                      "timeout": timeout, "wait": wait, "steps": steps, "resolution": resolution,
+                                      "stats-samples": stats_samples, "retrain": retrain},
+                          root_cert, insecure, timeout=wait + timeout + 600)
     print(f"round finished: {record['status']}")

@@ -13,6 +13,7 @@ from rich.console import Console  # noqa: E402
 
 from cli import (  # noqa: E402
     demo,
+    eval_clip,
     eval_fidelity,
     export_single_file,
     fuse,
@@ -35,7 +36,7 @@ VERBS = (demo, make_tiny_base, make_toy_concepts, export_single_file, train, sta
 for module in VERBS:
     app.command(module.NAME, help=module.run.__doc__)(module.run)
 evaluate = typer.Typer(no_args_is_help=True, help="Evaluate fused models.")
-for module in (eval_fidelity,):
+for module in (eval_fidelity, eval_clip):
     evaluate.command(module.NAME, help=module.run.__doc__)(module.run)
 app.add_typer(evaluate, name="eval")
 

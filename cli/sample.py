@@ -4,62 +4,103 @@ from pathlib import Path
 
 import typer
 
-from cli.options import BaseConfig, Device, Dtype, Seed
+from cli.options import BaseConfig, Device, Dtype
 
 NAME = "sample"
 
 
-def run(base: Path = typer.Option(None, "--base", help="base model: a diffusers folder or a .safetensors file"),
+def run(config: Path = typer.Option(None, "--config", help="a scene YAML (docs/sampling.md); flags below then only "
+                                                           "name the model if the YAML does not"),
+        base: Path = typer.Option(None, "--base", help="base model: a diffusers folder or a .safetensors file"),
         base_config: Path = BaseConfig,
-        concept: Path = typer.Option(None, "--concept", help="one concept package (with --base)"),
+        concept: list[Path] = typer.Option(None, "--concept", help="concept package(s) with --base (several are "
+                                                                   "fused in memory first)"),
         model: Path = typer.Option(None, "--model", help="a FUSED folder written by `mixshow fuse`"),
         fused_lora: Path = typer.Option(None, "--fused-lora", help="a fused_lora.safetensors (with --base)"),
-        prompt: str = typer.Option(..., "--prompt", help="prompt; <TOK> is the concept's words with --concept, "
-                                                         "<name> a fused concept by its package name"),
-        negative: str = typer.Option("", "--negative", help="negative prompt"),
-        seed: int = Seed,
-        steps: int = typer.Option(20, "--steps"),
-        guidance: float = typer.Option(7.5, "--guidance"),
-        height: int = typer.Option(512, "--height"),
-        width: int = typer.Option(512, "--width"),
-        scheduler: str = typer.Option("dpm++", "--scheduler", help="dpm++ | ddim | euler"),
-        lora_weight: float = typer.Option(1.0, "--lora-scale", help="multiplier on the concept's LoRA (--concept)"),
-        out: Path = typer.Option(..., "--out", help="image file to write (.png)"),
+        prompt: str = typer.Option(None, "--prompt", help="global prompt; <name> is a concept by its package name "
+                                                          "(<TOK> also works with one --concept)"),
+        negative: str = typer.Option(None, "--negative", help="negative prompt"),
+        region: list[str] = typer.Option(None, "--region", help="'top,left,bottom,right:prompt' (fractions), "
+                                                                "repeatable"),
+        condition: list[str] = typer.Option(None, "--condition",
+                                            help="'t2i-adapter|controlnet:MODEL_DIR:IMAGE[:WEIGHT]', repeatable"),
+        seed: int = typer.Option(None, "--seed"),
+        steps: int = typer.Option(None, "--steps", help="denoising steps (default 20)"),
+        guidance: float = typer.Option(None, "--guidance", help="classifier-free guidance (default 7.5)"),
+        height: int = typer.Option(None, "--height", help="default 512"),
+        width: int = typer.Option(None, "--width", help="default 512"),
+        scheduler: str = typer.Option(None, "--scheduler", help="dpm++ (default) | ddim | euler"),
+        batch: int = typer.Option(None, "--batch", help="images per scene, seeds from one latent draw"),
+        lora_weight: float = typer.Option(1.0, "--lora-scale", help="multiplier on one --concept's LoRA"),
+        out: Path = typer.Option(..., "--out", help="image to write (.png); a batch writes NAME_0.png ..., "
+                                                    "regions add NAME_overlay.png"),
         device: str = Device, dtype: str = Dtype) -> None:
-    """Generate an image: one concept (--base + --concept) or fused concepts (--model, or --base + --fused-lora)."""
+    """Generate images: one or several concepts, regions with boxes, T2I-Adapter / ControlNet conditions."""
     import contextlib
 
     from rich import print
 
+    from cli.models import load_scene_model
     from shared.atomic import write_image_atomic
-    from shared.base import load_base
     from shared.device import parse_device, parse_dtype
     from shared.errors import UserError
-    from shared.fused_model import apply_fused_lora, expand_prompt, load_fused
-    from shared.lora import lora_scale
-    from shared.package import apply_concept
-    from shared.sampling import generate
+    from shared.scene import overlay, read_scene, render, scene_from_dict
 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must end in .png")
-    modes = [model is not None, concept is not None, fused_lora is not None]
-    if sum(modes) != 1 or (model is None and base is None):
-        raise UserError("give --base with --concept or --fused-lora, or --model FUSED alone")
-    dev, dt = parse_device(device), parse_dtype(dtype)
-    scale = contextlib.nullcontext()
-    if model is not None:
-        pipe, encoder, concepts = load_fused(model, dev, dt)
-        text = expand_prompt(prompt, concepts)
+    flags = {"prompt": prompt, "negative": negative, "seed": seed, "steps": steps, "guidance": guidance,
+             "height": height, "width": width, "scheduler": scheduler, "batch": batch}
+    if config is not None:
+        given = [f"--{k}" for k, v in flags.items() if v is not None] + (["--region"] if region else []) + \
+                (["--condition"] if condition else [])
+        if given:
+            raise UserError(f"--config {config} describes the scene; drop {', '.join(given)} (or edit the YAML)")
+        scene = read_scene(config)
     else:
-        pipe = load_base(base, dev, dt, base_config)
-        if concept is not None:
-            meta, encoder = apply_concept(pipe, concept)
-            text = prompt.replace("<TOK>", meta.phrase)
-            scale = lora_scale([pipe.unet, pipe.text_encoder], lora_weight)
-        else:
-            encoder, concepts = apply_fused_lora(pipe, fused_lora)
-            text = expand_prompt(prompt, concepts)
-    with scale:
-        image = generate(pipe, encoder, [text], negative, seed, steps, guidance, height, width, scheduler)[0]
-    write_image_atomic(out, image)
-    print(f"wrote {out}  ({text!r}, seed {seed})")
+        if prompt is None:
+            raise UserError("give --prompt, or --config scene.yaml")
+        data = {k: v for k, v in flags.items() if v is not None}
+        data["regions"] = [parse_region(r) for r in region or []]
+        data["conditions"] = [parse_condition(c) for c in condition or []]
+        scene = scene_from_dict(data, "flags")
+    for key, value in (("model", model), ("base", base), ("fused_lora", fused_lora)):
+        if value is not None:
+            setattr(scene, key, value)
+    if concept:
+        scene.concepts = list(concept)
+    pipe, encoder, expand, scale = load_scene_model(scene, parse_device(device), parse_dtype(dtype), base_config,
+                                                    lora_weight)
+    with scale or contextlib.nullcontext():
+        images = render(pipe, encoder, scene, expand)
+    names = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}.png") for i in range(len(images))]
+    for path, image in zip(names, images):
+        write_image_atomic(path, image)
+    print(f"wrote {', '.join(str(p) for p in names)}  ({expand(scene.prompt)!r}, seed {scene.seed}, "
+          f"{len(scene.regions)} region(s), {len(scene.conditions)} condition(s))")
+    if scene.regions:
+        path = out.with_name(f"{out.stem}_overlay.png")
+        write_image_atomic(path, overlay(images[0], scene))
+        print(f"wrote {path} (the boxes and their prompts)")
+
+
+def parse_region(text: str) -> dict:
+    """'top,left,bottom,right:prompt' -> the YAML form of a region."""
+    from shared.errors import UserError
+
+    box, sep, prompt = text.partition(":")
+    if not sep or not prompt.strip():
+        raise UserError(f"--region {text!r} must be 'top,left,bottom,right:prompt'")
+    return {"box": [v.strip() for v in box.split(",")], "prompt": prompt.strip()}
+
+
+def parse_condition(text: str) -> dict:
+    """'type:model:image[:weight]' -> the YAML form of a condition."""
+    from shared.errors import UserError
+
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise UserError(f"--condition {text!r} must be 'type:MODEL_DIR:IMAGE[:WEIGHT]'")
+    item = {"type": parts[0], "model": parts[1], "image": parts[2]}
+    if len(parts) == 4:
+        item["weight"] = parts[3]
+    return item

@@ -21,7 +21,7 @@ from shared.errors import UserError
 from shared.grams import GramRecorder, group_sites, is_text_side
 from shared.package import ConceptMeta, apply_concept
 from shared.sampling import generate
-from shared.stats_file import gram_key, write_stats
+from shared.stats_file import DEFAULT_PACKING, gram_key, write_stats
 
 STATS_FILE = "stats.safetensors"
 
@@ -34,7 +34,7 @@ def client_sites(meta: ConceptMeta) -> dict[str, dict[str, list[str]]]:
 
 @torch.no_grad()
 def compute_stats(base: Base, package: Path, source: str = "sample", samples: int | None = None,
-                  data: Path | None = None, steps: int = 20, seed: int = 0, packing: str = "full32",
+                  data: Path | None = None, steps: int = 20, seed: int = 0, packing: str = DEFAULT_PACKING,
                   show_progress: bool = True) -> Path:
     """Record the package's Grams on `base` and write PKG/stats.safetensors; return its path."""
     if source not in ("sample", "train"):

@@ -32,7 +32,15 @@ from shared.edlora import (
 )
 from shared.errors import UserError
 from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, qualified, read_concepts
-from shared.fusion import apply_lowrank, fused_lora, naive_lora, regularised_cholesky
+from shared.fusion import (
+    DEFAULT_LAM,
+    absolute_lam,
+    apply_lowrank,
+    fused_lora,
+    fused_lora_rows,
+    naive_lora,
+    regularised_cholesky,
+)
 from shared.grams import GramRecorder, group_sites, is_text_side, site_of
 from shared.package import META_FILE, WEIGHTS_FILE, ConceptMeta, read_package
 from shared.sampling import generate
@@ -40,7 +48,6 @@ from shared.stats_file import Stats
 from shared.storage import sha256_file
 
 METHODS = ("gradient", "average", "sum")
-DEFAULT_LAM = 1e-4
 GENERIC_PROMPTS = ("a photo of a dog", "a painting of a house", "a red car on the road", "a man in a room",
                    "a woman on the beach", "a cat on the grass", "a city street at night", "a tree in the snow")
 STATS_NAME = "stats.safetensors"
@@ -120,6 +127,8 @@ def qualified_prompts(record: dict) -> list[str]:
 class Fusion:
     """Solves a fusion state onto a freshly loaded base and writes the FUSED folder."""
 
+    row_form = True  # the n x n solve for text-side sites with fewer rows than width (same result, cheaper)
+
     def __init__(self, base: Base, state: FusionState, records: list[dict], method: str, lam: float,
                  preserve: int, kv_rows: str = "all", show_progress: bool = True):
         if method not in METHODS:
@@ -169,27 +178,43 @@ class Fusion:
         return group_sites(modules)
 
     def solve_site(self, site_key: str, modules: list[str], S: torch.Tensor | None,
-                   grams: dict[str, torch.Tensor] | None = None) -> None:
-        """Fuse every module reading one input site and write the fused weights into the base."""
+                   grams: dict[str, torch.Tensor] | None = None, rows: dict[str, torch.Tensor] | None = None,
+                   extra: torch.Tensor | None = None) -> None:
+        """Fuse every module reading one input site and write the fused weights into the base.
+
+        Text-side sites pass their own Grams, and their raw rows too: when all rows together are
+        fewer than the width (`--kv-rows concept`), the n x n row form replaces the d x d Cholesky.
+        """
         model_name = site_key.partition(".")[0]
         model = self.base.text_encoder if model_name == "text_encoder" else self.base.unet
-        factor = None
+        factor = lam = None
         if self.method == "gradient":
             if S is None:
                 raise UserError(f"no concept has statistics for {site_key}; run `mixshow stats` on every package")
-            d = S.shape[0]
-            lam = self.lam * max(float(S.diagonal().sum()) / d, 1e-12)
-            factor = regularised_cholesky(S, lam)
+            lam = absolute_lam(S, self.lam)
+            n_rows = sum(x.shape[0] for x in rows.values()) + (0 if extra is None else extra.shape[0]) if rows else 0
+            if not rows or not self.row_form or n_rows >= S.shape[0]:
+                rows, factor = None, regularised_cholesky(S, lam)
         for module in modules:
             qual = f"{model_name}.{module}"
             owners = [c for c in self.state.concepts if qual in c.up]
             ups = [c.up[qual] for c in owners]
-            if self.method == "gradient":
+            weights = [c.weight for c in owners]
+            if self.method == "gradient" and rows is not None:
+                if len(owners) != len(self.state.concepts):  # S sums every concept's rows, not only the owners'
+                    others = [(c.weight / rows[c.name].shape[0]) ** 0.5 * rows[c.name]
+                              for c in self.state.concepts if c not in owners]
+                    extra_all = torch.cat(others + ([extra] if extra is not None else []))
+                else:
+                    extra_all = extra
+                up, down = fused_lora_rows(ups, [c.down[qual] for c in owners], [rows[c.name] for c in owners], lam,
+                                           weights, extra_all)
+            elif self.method == "gradient":
                 if grams is None:
                     agrams = [c.agram[qual] for c in owners]
                 else:  # text side: this fusion's own Grams
                     agrams = [c.down[qual] @ grams[c.name] for c in owners]
-                up, down = fused_lora(ups, agrams, factor, [c.weight for c in owners])
+                up, down = fused_lora(ups, agrams, factor, weights)
             else:
                 up, down = naive_lora(ups, [c.down[qual] for c in owners], self.method)
             up32, down32 = up.float().contiguous(), down.float().contiguous()
@@ -209,25 +234,29 @@ class Fusion:
         length = self.base.tokenizer.model_max_length
         per_layer: dict[str, list[torch.Tensor]] = {}
         for record in self.records:
-            per_layer[record["name"]] = self.text_grams(encoder, qualified_prompts(record), length, concept=True)
-        preserve = self.text_grams(encoder, list(GENERIC_PROMPTS[: self.preserve]), length, concept=False) \
+            per_layer[record["name"]] = self.text_rows(encoder, qualified_prompts(record), length, concept=True)
+        preserve = self.text_rows(encoder, list(GENERIC_PROMPTS[: self.preserve]), length, concept=False) \
             if self.preserve else None
         task = progress.add_task("fuse cross-attention k/v", total=len(sites))
         for site, modules in sites.items():
             k = layers.index(site.rsplit(".", 1)[0])
-            grams = {name: g[k] for name, g in per_layer.items()}
+            rows = {name: x[k] for name, x in per_layer.items()}
+            grams = {name: x.T @ x / x.shape[0] for name, x in rows.items()}
             self.kv_grams.update({name: {**self.kv_grams.get(name, {}), f"unet.{site}": g}
                                   for name, g in grams.items()})
             S = sum(c.weight * grams[c.name] for c in self.state.concepts)
+            extra = None
             if preserve is not None:
-                S = S + preserve[k]
-            self.solve_site(f"unet.{site}", modules, S, grams)
+                extra = preserve[k] / preserve[k].shape[0] ** 0.5
+                S = S + extra.T @ extra
+            self.solve_site(f"unet.{site}", modules, S, grams, rows, extra)
             progress.advance(task)
 
-    def text_grams(self, encoder: LayerwiseTextEncoder, prompts: list[str], length: int,
-                   concept: bool) -> list[torch.Tensor]:
-        """Per cross-attention layer, Ĝ of the text states the layer reads: every position (kv_rows='all'),
-        or only the concept-token and end-token positions (kv_rows='concept'; generic prompts: all)."""
+    def text_rows(self, encoder: LayerwiseTextEncoder, prompts: list[str], length: int,
+                  concept: bool) -> list[torch.Tensor]:
+        """Per cross-attention layer, the text states the layer reads (rows, float64): every position
+        (kv_rows='all'), or only the concept-token and end-token positions (kv_rows='concept'; generic
+        prompts: all)."""
         states = encoder.encode(prompts).to(torch.float64)
         ids = encoder.input_ids(prompts)[:, 0]
         eos = self.base.tokenizer.eos_token_id
@@ -238,11 +267,7 @@ class Fusion:
             keep = torch.ones_like(keep)  # every position the cross-attention reads, padding included
         else:
             keep = keep | encoder.concept_mask(prompts)
-        grams = []
-        for k in range(self.n_layers):
-            x = states[:, k * length:(k + 1) * length][keep.to(states.device)]
-            grams.append((x.T @ x / x.shape[0]).cpu())
-        return grams
+        return [states[:, k * length:(k + 1) * length][keep.to(states.device)].cpu() for k in range(self.n_layers)]
 
     # -- outputs -----------------------------------------------------------------------------------------
     def write(self, stage: Path, info: dict) -> None:

@@ -20,6 +20,12 @@ from __future__ import annotations
 import torch
 
 DTYPE = torch.float64
+DEFAULT_LAM = 1e-4  # λ relative to the mean eigenvalue of S (docs/fusion.md says why)
+
+
+def absolute_lam(S: torch.Tensor, relative: float = DEFAULT_LAM) -> float:
+    """λ for S: `relative` times its mean eigenvalue tr(S)/d, so it scales with the activations."""
+    return relative * max(float(S.diagonal().sum()) / S.shape[0], 1e-12)
 
 
 def regularised_cholesky(S: torch.Tensor, lam: float) -> torch.Tensor:
@@ -29,6 +35,11 @@ def regularised_cholesky(S: torch.Tensor, lam: float) -> torch.Tensor:
     if int(info) != 0:
         raise ValueError(f"S + {lam}·I is not positive definite (leading minor {int(info)}); raise --lam")
     return factor
+
+
+def projection(gram: torch.Tensor, relative: float = DEFAULT_LAM) -> torch.Tensor:
+    """Ĝ (Ĝ + λI)⁻¹: what the closed form applies to a lone concept's change (W* − W0 = dW · this)."""
+    return right_solve(gram, regularised_cholesky(gram, absolute_lam(gram, relative)))
 
 
 def right_solve(rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -43,6 +54,29 @@ def fused_lora(ups: list[torch.Tensor], agrams: list[torch.Tensor], factor: torc
     up = torch.cat([u.to(DTYPE) for u in ups], dim=1)
     rhs = torch.cat([w * a.to(DTYPE) for w, a in zip(weights, agrams)], dim=0)
     return up, right_solve(rhs, factor)
+
+
+def fused_lora_rows(ups: list[torch.Tensor], downs: list[torch.Tensor], rows: list[torch.Tensor], lam: float,
+                    weights: list[float] | None = None, extra: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same (up, down) as `fused_lora`, from the raw rows X_i (n_i x d) when Σ n_i is below d.
+
+    With Y_i = √(w_i/n_i) X_i stacked into Y (n x d), S = YᵀY and w_i A_i Ĝ_i = C_i Y_i with
+    C_i = √(w_i/n_i) A_i X_iᵀ; the push-through identity Yᵀ(YYᵀ + λI)⁻¹ = (YᵀY + λI)⁻¹Yᵀ gives
+    down_i = C_i Y_i (S + λI)⁻¹ = [0 … C_i … 0] (YYᵀ + λI)⁻¹ Y: one n x n Cholesky instead of d x d.
+    `extra` (m x d, already scaled) adds rows to S with target W0, as the preservation prompts.
+    """
+    weights = weights or [1.0] * len(ups)
+    scaled = [(w / x.shape[0]) ** 0.5 * x.to(DTYPE) for w, x in zip(weights, rows)]
+    Y = torch.cat(scaled + ([extra.to(DTYPE)] if extra is not None else []))
+    E = torch.zeros(sum(a.shape[0] for a in downs), Y.shape[0], dtype=DTYPE, device=Y.device)
+    r0 = c0 = 0
+    for a, y in zip(downs, scaled):
+        E[r0:r0 + a.shape[0], c0:c0 + y.shape[0]] = a.to(DTYPE) @ y.T
+        r0, c0 = r0 + a.shape[0], c0 + y.shape[0]
+    factor = regularised_cholesky(Y @ Y.T, lam)
+    up = torch.cat([u.to(DTYPE) for u in ups], dim=1)
+    return up, right_solve(E, factor) @ Y
 
 
 def fused_weight(W0: torch.Tensor, deltas: list[torch.Tensor], grams: list[torch.Tensor], lam: float,

@@ -43,16 +43,24 @@ def generate(base: Base, encoder: LayerwiseTextEncoder, prompts: list[str], nega
              steps: int = 20, guidance: float = 7.5, height: int = 512, width: int = 512,
              scheduler: str = "dpm++", output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
     """One image per prompt, from seeded latents, with classifier-free guidance (or the final latents)."""
+    positive = encoder.encode(prompts)
+    negative_states = encoder.encode([negative] * len(prompts))
+    return denoise(base, positive, negative_states, seed, steps, guidance, height, width, scheduler, output_type)
+
+
+@torch.no_grad()
+def denoise(base: Base, positive: torch.Tensor, negative: torch.Tensor, seed: int = 0, steps: int = 20,
+            guidance: float = 7.5, height: int = 512, width: int = 512, scheduler: str = "dpm++",
+            output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+    """diffusers' StableDiffusionPipeline on ready text states (one image per batch row), seeded latents."""
     pipe = StableDiffusionPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
         scheduler=make_scheduler(base, scheduler), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     dtype = base.unet.dtype
-    positive = encoder.encode(prompts).to(dtype)
-    negative_states = encoder.encode([negative] * len(prompts)).to(dtype)
-    latents = initial_latents(base, len(prompts), height, width, seed).to(base.device, dtype)
-    return pipe(prompt_embeds=positive, negative_prompt_embeds=negative_states, latents=latents,
+    latents = initial_latents(base, positive.shape[0], height, width, seed).to(base.device, dtype)
+    return pipe(prompt_embeds=positive.to(dtype), negative_prompt_embeds=negative.to(dtype), latents=latents,
                 num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                 output_type=output_type).images
 

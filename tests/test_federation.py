@@ -20,13 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from server.fuse import fuse
-from server.launch import launch_round
-from shared.checkpoints import latest, pull
-from shared.errors import UserError
+from shared.checkpoints import get_manifest, latest, pull
 from shared.fused_model import expand_prompt, load_fused
 from shared.sampling import generate
 from shared.storage import open_store
 from tests.conftest import TOY_WORDS
+from tests.test_base_and_cli import run_cli
 
 BIN = Path(sys.executable).parent
 
@@ -75,31 +74,38 @@ def federation(tmp_path, tiny_base, toys, s3_env, s3_server):
                 if time.monotonic() > deadline:
                     raise RuntimeError((tmp_path / "superlink.log").read_text()[-2000:]) from None
                 time.sleep(0.5)
-        for name in ("red-circle", "blue-square"):
+        for name in ("red-circle", "blue-square"):  # `mixshow join` execs the SuperNode: same PID
             words, cls = TOY_WORDS[name]
-            node = {"name": name, "data-dir": toys / name, "words": " ".join(words), "class-word": cls,
-                    "base": tiny_base, "work-dir": tmp_path / "clients" / name}
-            config = " ".join(f'{k}="{v}"' for k, v in node.items())
-            procs.append(start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                "--port", str(free_port()), "--node-config", config], client_env,
-                               tmp_path / f"supernode-{name}.log"))
+            procs.append(start([str(BIN / "mixshow"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
+                                "--data", str(toys / name), "--words", " ".join(words), "--class-word", cls,
+                                "--base", str(tiny_base), "--name", name, "--port", str(free_port()),
+                                "--work-dir", str(tmp_path / "clients" / name)],
+                               client_env, tmp_path / f"supernode-{name}.log"))
         yield f"127.0.0.1:{port}", procs
     finally:
         stop(procs)
         assert all(p.poll() is not None for p in procs)
 
 
-def test_round_publishes_and_matches_offline_fusion(federation, tiny_base, tmp_path, monkeypatch):
+def round_args(superlink: str, store_url: str, tiny_base: Path, min_clients: int, steps: int) -> list[str]:
+    return ["round", "--superlink", superlink, "--store", store_url, "--base", str(tiny_base), "--insecure",
+            "--min-clients", str(min_clients), "--timeout", "600", "--wait", "60", "--steps", str(steps),
+            "--resolution", "64", "--stats-samples", "1"]
+
+
+def test_round_publishes_and_matches_offline_fusion(federation, tiny_base, tmp_path, monkeypatch, capsys):
+    """`mixshow join` x2, `mixshow round`, `mixshow pull`: the published weights equal an offline `fuse`."""
     superlink, procs = federation
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     store_url = "s3://mixshow/e2e"
-    record = launch_round(superlink, {"store": store_url, "base": str(tiny_base), "min-clients": 2, "timeout": 600,
-                                      "wait": 60, "steps": 15, "resolution": 64, "stats-samples": 1},
-                          insecure=True, poll=2, timeout=900, log=lambda *_: None)
-    assert record["status"] == "finished:completed"
+    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 15), monkeypatch, capsys)
+    assert code == 0, err
+    assert "finished:completed" in " ".join(out.split())
     store = open_store(store_url)
     assert latest(store) == "v0001"
-    manifest = pull(store, tmp_path / "pulled")
+    code, out, err = run_cli(["pull", "--store", store_url, "--out", str(tmp_path / "pulled")], monkeypatch, capsys)
+    assert code == 0 and "every sha256 verified" in " ".join(out.split()), err
+    manifest = get_manifest(store, "v0001")
     assert sorted(manifest.concepts) == ["blue-square", "red-circle"]
     # the same packages fused offline give the same weights
     round_keys = [k for k in store.list("rounds/") if k.endswith("concept.json")]
@@ -124,10 +130,11 @@ def test_round_publishes_and_matches_offline_fusion(federation, tiny_base, tmp_p
     assert torch.tensor(list(images[0].getdata())).float().std() > 0
 
 
-def test_round_against_a_missing_superlink_fails_cleanly(tmp_path, monkeypatch):
+def test_round_against_a_missing_superlink_fails_cleanly(tiny_base, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
-    with pytest.raises(UserError, match="unreachable"):
-        launch_round(f"127.0.0.1:{free_port()}", {"store": "file:///tmp/x"}, insecure=True)
+    code, out, err = run_cli(["round", "--superlink", f"127.0.0.1:{free_port()}", "--store", f"file://{tmp_path}/s",
+                              "--base", str(tiny_base), "--insecure"], monkeypatch, capsys)
+    assert code == 2 and "unreachable" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_server_rejects_an_upload_changed_after_its_manifest(three_packages, tiny_base, s3_env, tmp_path):
@@ -165,7 +172,7 @@ def _kill_when_training(proc: subprocess.Popen, log: Path, deadline: float = 300
 
 
 @pytest.mark.parametrize("min_clients", [1, 2])
-def test_a_client_killed_mid_round(min_clients, federation, tiny_base, fused_three, tmp_path, monkeypatch):
+def test_a_client_killed_mid_round(min_clients, federation, tiny_base, fused_three, tmp_path, monkeypatch, capsys):
     import threading
 
     from shared.checkpoints import publish
@@ -177,17 +184,15 @@ def test_a_client_killed_mid_round(min_clients, federation, tiny_base, fused_thr
     previous = publish(store, fused_three["average"]).version
     victim = threading.Thread(target=_kill_when_training, args=(procs[2], tmp_path / "supernode-blue-square.log"))
     victim.start()
-    settings = {"store": store_url, "base": str(tiny_base), "min-clients": min_clients, "timeout": 600, "wait": 60,
-                "steps": 10, "resolution": 64, "stats-samples": 1}
     try:
+        code, out, err = run_cli(round_args(superlink, store_url, tiny_base, min_clients, 10), monkeypatch, capsys)
         if min_clients == 1:
-            launch_round(superlink, settings, insecure=True, poll=2, timeout=900, log=lambda *_: None)
+            assert code == 0, err
             assert latest(store) != previous
             manifest = pull(store, tmp_path / "pulled")
             assert list(manifest.concepts) == ["red-circle"]
         else:
-            with pytest.raises(UserError, match="ended finished:failed"):
-                launch_round(superlink, settings, insecure=True, poll=2, timeout=900, log=lambda *_: None)
+            assert code == 2 and "ended finished:failed" in err, (out, err)
             assert latest(store) == previous
     finally:
         victim.join()

@@ -6,6 +6,7 @@ import torch
 
 from shared.fusion import (
     fused_lora,
+    fused_lora_rows,
     fused_weight,
     identity_loss,
     lowrank_quadratic,
@@ -87,3 +88,21 @@ def test_identity_loss_matches_brute_force_and_baselines():
     assert abs(identity_loss(up, down, ups[0], downs[0], grams[0]) - float(brute)) < 1e-10
     other = ups[1] @ downs[1]
     assert torch.isclose(lowrank_quadratic(ups[1], downs[1], grams[1]), torch.trace(other @ grams[1] @ other.T))
+
+
+def test_row_form_equals_the_gram_form():
+    """Few text rows (Σ n_i < d): the n x n push-through solve gives the d x d Cholesky's LoRA."""
+    gen = torch.Generator().manual_seed(3)
+    d_in, d_out, rank = 40, 16, 2
+    xs = [torch.randn(n, d_in, generator=gen, dtype=D) for n in (3, 5, 4)]
+    ups = [torch.randn(d_out, rank, generator=gen, dtype=D) for _ in xs]
+    downs = [torch.randn(rank, d_in, generator=gen, dtype=D) for _ in xs]
+    weights = [1.0, 0.5, 2.0]
+    extra = torch.randn(6, d_in, generator=gen, dtype=D) / 6 ** 0.5  # preservation rows, target W0
+    grams = [x.T @ x / x.shape[0] for x in xs]
+    S = sum(w * g for w, g in zip(weights, grams)) + extra.T @ extra
+    lam = 1e-3 * float(S.trace()) / d_in
+    up, down = fused_lora(ups, [a @ g for a, g in zip(downs, grams)], regularised_cholesky(S, lam), weights)
+    up_r, down_r = fused_lora_rows(ups, downs, xs, lam, weights, extra)
+    assert torch.equal(up, up_r)
+    assert float((down_r - down).norm() / down.norm()) <= 1e-9

@@ -72,3 +72,67 @@ def test_bad_store_urls(s3_env, monkeypatch):
     monkeypatch.setattr("shared.storage.RETRIES", 1)
     with pytest.raises(UserError, match="unreachable"):
         open_store("s3://mixshow/x")
+
+
+@pytest.fixture
+def s3_with_auth(tmp_path):
+    """A moto server (own process) that checks signatures: IAM auth starts after the 3 set-up calls
+    that create a user with an access key and a policy allowing everything."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3", AWS_DEFAULT_REGION="us-east-1")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=(tmp_path / "moto.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "moto.log").read_text()[-2000:]) from None
+                time.sleep(0.3)
+        iam = boto3.client("iam", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="operator")
+        key = iam.create_access_key(UserName="operator")["AccessKey"]
+        iam.put_user_policy(UserName="operator", PolicyName="all", PolicyDocument=(
+            '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}'))
+        yield f"127.0.0.1:{port}", key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_wrong_credentials_are_one_clear_error(s3_with_auth, tmp_path, monkeypatch, capsys):
+    from minio import Minio
+
+    from tests.test_base_and_cli import run_cli
+
+    endpoint, access, secret = s3_with_auth
+    Minio(endpoint, access_key=access, secret_key=secret, secure=False, region="us-east-1").make_bucket("mixshow")
+    for name, value in (("ENDPOINT", endpoint), ("ACCESS_KEY", access), ("SECRET_KEY", secret), ("SECURE", "0"),
+                        ("REGION", "us-east-1")):
+        monkeypatch.setenv(f"MIXSHOW_S3_{name}", value)
+    store = open_store("s3://mixshow/auth")  # the right keys work
+    store.put_bytes("fused/LATEST", b"v0001")
+    assert store.get_bytes("fused/LATEST") == b"v0001"
+
+    monkeypatch.setenv("MIXSHOW_S3_SECRET_KEY", secret[::-1])  # a wrong secret: signatures do not match
+    with pytest.raises(UserError, match="check the S3 credentials"):
+        open_store("s3://mixshow/auth")
+    monkeypatch.setenv("MIXSHOW_S3_ACCESS_KEY", "AKIANOSUCHKEY0000000")  # an access key the server does not know
+    code, out, err = run_cli(["pull", "--store", "s3://mixshow/auth", "--out", str(tmp_path / "pulled")],
+                             monkeypatch, capsys)
+    assert code == 2 and "check the S3 credentials" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "pulled").exists()

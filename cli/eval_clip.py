@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cli.options import BaseConfig, Device, Dtype
+
+NAME = "clip"
+DEFAULT_PROMPTS = ("a photo of a {}", "a {} on the beach", "a painting of a {}")
+
+
+def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIPModel folder"),
+        model: Path = typer.Option(None, "--model", help="a FUSED folder"),
+        base: Path = typer.Option(None, "--base", help="base model (with --fused-lora)"),
+        base_config: Path = BaseConfig,
+        fused_lora: Path = typer.Option(None, "--fused-lora", help="a fused_lora.safetensors (with --base)"),
+        concept: list[str] = typer.Option(..., "--concept", help="NAME=REFERENCE_IMAGES_DIR, repeat for each concept"),
+        prompt: list[str] = typer.Option(None, "--prompt", help="a template with {} for the concept, repeatable "
+                                                                f"(default: {'; '.join(DEFAULT_PROMPTS)})"),
+        seeds: int = typer.Option(2, "--seeds", help="images per prompt (seeds 0..N-1)"),
+        steps: int = typer.Option(20, "--steps"),
+        guidance: float = typer.Option(7.5, "--guidance"),
+        size: int = typer.Option(512, "--size", help="image height and width"),
+        scheduler: str = typer.Option("dpm++", "--scheduler"),
+        json_out: Path = typer.Option(None, "--json", help="write every score here (default: print only)"),
+        device: str = Device, dtype: str = Dtype) -> None:
+    """CLIP text-alignment (2.5·max(cos, 0) vs the prompt with the class word) and image-alignment (mean cosine vs
+    the concept's reference images), per concept over prompts x seeds."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from cli.models import load_scene_model
+    from shared.atomic import write_bytes_atomic
+    from shared.clip_eval import ClipScorer, reference_images
+    from shared.device import parse_device, parse_dtype
+    from shared.errors import UserError
+    from shared.fused_model import read_concepts
+    from shared.scene import Scene, render
+
+    if model is None and (base is None or fused_lora is None):
+        raise UserError("give the model to score: --model FUSED, or --base BASE with --fused-lora FILE")
+    pairs = []
+    for item in concept:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise UserError(f"--concept {item!r} must be NAME=REFERENCE_IMAGES_DIR")
+        pairs.append((name.strip("<>"), Path(folder)))
+    templates = list(prompt or DEFAULT_PROMPTS)
+    for t in templates:
+        if t.count("{}") != 1:
+            raise UserError(f"--prompt {t!r} must contain {{}} exactly once (where the concept goes)")
+    references = {name: reference_images(folder) for name, folder in pairs}
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    scorer = ClipScorer(clip, dev, dt)
+    pipe, encoder, expand, _ = load_scene_model(Scene(prompt="", model=model, base=base, fused_lora=fused_lora),
+                                                dev, dt, base_config)
+    records = {c["name"]: c for c in read_concepts(model)["concepts"]} if model else None
+    results: dict = {"clip": str(clip), "model": str(model or fused_lora), "concepts": {}}
+    for name, _folder in pairs:
+        expand(f"<{name}>")  # a concept the model lacks is an error before any sampling
+        class_word = records[name]["class_word"] if records else _class_word_of(fused_lora, name)
+        ref = scorer.images(references[name])
+        rows = []
+        for template in templates:
+            text, plain = template.format(f"<{name}>"), template.format(class_word)
+            for seed in range(seeds):
+                scene = Scene(prompt=text, seed=seed, steps=steps, guidance=guidance, height=size, width=size,
+                              scheduler=scheduler)
+                image = render(pipe, encoder, scene, expand)[0]
+                rows.append({"prompt": text, "class_prompt": plain, "seed": seed,
+                             "text_alignment": float(scorer.text_alignment([image], plain)[0]),
+                             "image_alignment": float(scorer.image_alignment([image], ref)[0])})
+        results["concepts"][name] = {
+            "images": len(rows), "references": len(references[name]),
+            "text_alignment": sum(r["text_alignment"] for r in rows) / len(rows),
+            "image_alignment": sum(r["image_alignment"] for r in rows) / len(rows), "samples": rows}
+    table = Table(title=f"CLIP scores ({clip.name}; text: 2.5·max(cos, 0) vs the class-word prompt; "
+                        "image: mean cosine vs references)")
+    for column in ("concept", "images", "text-alignment", "image-alignment"):
+        table.add_column(column, justify="left" if column == "concept" else "right")
+    for name, r in results["concepts"].items():
+        table.add_row(name, str(r["images"]), f"{r['text_alignment']:.4f}", f"{r['image_alignment']:.4f}")
+    Console().print(table)
+    if json_out is not None:
+        write_bytes_atomic(json_out, json.dumps(results, indent=2).encode())
+        Console().print(f"wrote {json_out}")
+
+
+def _class_word_of(fused_lora: Path, name: str) -> str:
+    """The class word recorded for `name` in a fused_lora.safetensors' metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(fused_lora), framework="pt") as f:
+        concepts = json.loads((f.metadata() or {}).get("concepts", "{}")).get("concepts", [])
+    return next(c["class_word"] for c in concepts if c["name"] == name)

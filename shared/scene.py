@@ -1,0 +1,206 @@
+"""A scene to sample (docs/sampling.md): global prompt, regions with boxes, spatial conditions, sampler
+settings, read from YAML or built from flags; rendered with shared.regional and shared.conditions,
+and drawn as an overlay so a person sees what went where."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from shared.base import Base
+from shared.conditions import KINDS, ConditionHook, ConditionSpec, LoadedCondition
+from shared.edlora import LayerwiseTextEncoder, cross_attention_layers
+from shared.errors import UserError
+from shared.regional import Box, RegionalProcessor, RegionLayout, install_regional_processors
+from shared.sampling import SCHEDULERS, denoise, initial_latents
+
+
+@dataclass
+class Region:
+    prompt: str
+    box: Box
+    negative: str = ""
+
+
+@dataclass
+class Scene:
+    """Everything `mixshow sample` needs besides the model."""
+
+    prompt: str
+    negative: str = ""
+    regions: list[Region] = field(default_factory=list)
+    conditions: list[ConditionSpec] = field(default_factory=list)
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 7.5
+    height: int = 512
+    width: int = 512
+    scheduler: str = "dpm++"
+    batch: int = 1
+    model: Path | None = None
+    base: Path | None = None
+    concepts: list[Path] = field(default_factory=list)
+    fused_lora: Path | None = None
+
+
+SCENE_KEYS = {"model", "base", "concepts", "fused_lora", "prompt", "negative", "regions", "conditions", "seed",
+              "steps", "guidance", "height", "width", "scheduler", "batch"}
+REGION_KEYS = {"prompt", "negative", "box"}
+CONDITION_KEYS = {"type", "model", "image", "weight", "boxes"}
+BOX_WEIGHT_KEYS = {"box", "weight"}
+
+
+def _check_keys(data, known: set[str], where: str) -> dict:
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping of keys ({', '.join(sorted(known))}), got {type(data).__name__}")
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
+    return data
+
+
+def _number(value, kind, where: str):
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where} must be a{'n integer' if kind is int else ' number'}, got {value!r}") from None
+
+
+def _path(value, relative_to: Path) -> Path:
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else relative_to / path
+
+
+def scene_from_dict(data: dict, where: str, relative_to: Path = Path(".")) -> Scene:
+    """A Scene from parsed YAML; relative paths are taken from the YAML file's folder."""
+    data = _check_keys(data, SCENE_KEYS, where)
+    if not isinstance(data.get("prompt"), str):
+        raise UserError(f"{where}: 'prompt' (the global prompt, a string) is required")
+    regions = []
+    for i, item in enumerate(data.get("regions") or []):
+        here = f"{where}: regions[{i}]"
+        item = _check_keys(item, REGION_KEYS, here)
+        if not isinstance(item.get("prompt"), str) or "box" not in item:
+            raise UserError(f"{here} needs a 'prompt' and a 'box' [top, left, bottom, right]")
+        regions.append(Region(item["prompt"], Box.parse(item["box"], f"{here}.box"), str(item.get("negative", ""))))
+    conditions = []
+    for i, item in enumerate(data.get("conditions") or []):
+        here = f"{where}: conditions[{i}]"
+        item = _check_keys(item, CONDITION_KEYS, here)
+        missing = [k for k in ("type", "model", "image") if k not in item]
+        if missing:
+            raise UserError(f"{here} needs {', '.join(repr(k) for k in missing)}")
+        if item["type"] not in KINDS:
+            raise UserError(f"{here}.type {item['type']!r} is not one of {', '.join(KINDS)}")
+        boxes = []
+        for j, bw in enumerate(item.get("boxes") or []):
+            bw = _check_keys(bw, BOX_WEIGHT_KEYS, f"{here}.boxes[{j}]")
+            boxes.append((Box.parse(bw.get("box"), f"{here}.boxes[{j}].box"),
+                          _number(bw.get("weight", 1.0), float, f"{here}.boxes[{j}].weight")))
+        conditions.append(ConditionSpec(item["type"], _path(item["model"], relative_to),
+                                        _path(item["image"], relative_to),
+                                        _number(item.get("weight", 1.0), float, f"{here}.weight"), boxes))
+    scene = Scene(prompt=data["prompt"], negative=str(data.get("negative", "")), regions=regions,
+                  conditions=conditions,
+                  concepts=[_path(c, relative_to) for c in (data.get("concepts") or [])])
+    for key, kind in (("seed", int), ("steps", int), ("guidance", float), ("height", int), ("width", int),
+                      ("batch", int)):
+        if key in data:
+            setattr(scene, key, _number(data[key], kind, f"{where}: {key}"))
+    if "scheduler" in data:
+        scene.scheduler = str(data["scheduler"])
+    for key in ("model", "base", "fused_lora"):
+        if data.get(key) is not None:
+            setattr(scene, key, _path(data[key], relative_to))
+    check_scene(scene, where)
+    return scene
+
+
+def read_scene(path: Path) -> Scene:
+    """Parse and check a scene YAML file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"--config {path} cannot be read ({exc})") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path} is not valid YAML ({exc})") from exc
+    return scene_from_dict(data, str(path), Path(path).resolve().parent)
+
+
+def check_scene(scene: Scene, where: str) -> None:
+    if scene.scheduler not in SCHEDULERS:
+        raise UserError(f"{where}: scheduler {scene.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if scene.steps < 1 or scene.batch < 1:
+        raise UserError(f"{where}: steps and batch must be at least 1")
+    if scene.height < 8 or scene.width < 8:
+        raise UserError(f"{where}: height and width must be positive multiples of the VAE factor")
+
+
+# -- rendering -----------------------------------------------------------------------------------------------
+def regional_processors(base: Base) -> RegionLayout:
+    """The layout the UNet's regional processors read (installing them where the UNet has plain ones)."""
+    procs = [p for p in base.unet.attn_processors.values() if isinstance(p, RegionalProcessor)]
+    if procs:
+        return procs[0].layout
+    layout = RegionLayout()
+    install_regional_processors(base.unet, base.tokenizer.model_max_length, layout)
+    return layout
+
+
+@torch.no_grad()
+def render(base: Base, encoder: LayerwiseTextEncoder, scene: Scene, expand=lambda text: text,
+           output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+    """The scene's images. `expand` turns concept names in prompts into the model's words."""
+    layout = regional_processors(base)
+    batch = scene.batch
+    texts = [expand(scene.prompt)] + [expand(r.prompt) for r in scene.regions]
+    negatives = [expand(scene.negative)] + [expand(r.negative) for r in scene.regions]
+    positive = torch.cat([encoder.encode([t] * batch) for t in texts], dim=1)
+    negative = torch.cat([encoder.encode([t] * batch) for t in negatives], dim=1)
+    latent = initial_latents(base, 1, scene.height, scene.width, scene.seed).shape[-2:]
+    factor = scene.height // latent[0]
+    conditions = [LoadedCondition(spec, base.unet, factor, scene.height, scene.width, base.tokenizer.model_max_length)
+                  for spec in scene.conditions]
+    span = len(cross_attention_layers(base.unet)) * base.tokenizer.model_max_length
+    hook = ConditionHook(conditions, span).attach(base.unet) if conditions else None
+    layout.set([r.box for r in scene.regions], (int(latent[0]), int(latent[1])))
+    try:
+        return denoise(base, positive, negative, scene.seed, scene.steps, scene.guidance, scene.height, scene.width,
+                       scene.scheduler, output_type)
+    finally:
+        layout.set([], (0, 0))
+        if hook is not None:
+            hook.detach()
+
+
+COLOURS = ((230, 57, 70), (29, 120, 216), (42, 157, 80), (244, 162, 97), (131, 56, 236), (0, 150, 150))
+
+
+def overlay(image: Image.Image, scene: Scene) -> Image.Image:
+    """The image with every region's box outlined, tinted and labelled with its prompt, and the global prompt."""
+    scale = max(1, 512 // max(image.size))
+    big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    w, h = big.size
+    canvas = Image.new("RGB", (w, h + 16 * (len(scene.regions) + 1) + 4), "white")
+    canvas.paste(big, (0, 0))
+    tint = Image.new("RGBA", big.size, (0, 0, 0, 0))
+    draw_tint = ImageDraw.Draw(tint)
+    draw = ImageDraw.Draw(canvas)
+    for i, region in enumerate(scene.regions):
+        colour = COLOURS[i % len(COLOURS)]
+        b = region.box
+        xy = (b.left * w, b.top * h, b.right * w - 1, b.bottom * h - 1)
+        draw_tint.rectangle(xy, fill=(*colour, 60))
+    canvas.paste(Image.alpha_composite(big.convert("RGBA"), tint).convert("RGB"), (0, 0))
+    for i, region in enumerate(scene.regions):
+        colour = COLOURS[i % len(COLOURS)]
+        b = region.box
+        draw.rectangle((b.left * w, b.top * h, b.right * w - 1, b.bottom * h - 1), outline=colour, width=3)
+        draw.text((b.left * w + 4, b.top * h + 2), str(i + 1), fill=colour)
+        draw.text((4, h + 4 + 16 * i), f"{i + 1}: {region.prompt}"[:90], fill=colour)
+    draw.text((4, h + 4 + 16 * len(scene.regions)), f"global: {scene.prompt}"[:90], fill="black")
+    return canvas

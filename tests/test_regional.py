@@ -1,0 +1,247 @@
+"""Regional sampling, T2I-Adapter / ControlNet conditions and the scene CLI, on the tiny base with the
+3 fused toy concepts and a tiny adapter and ControlNet built from config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from diffusers import ControlNetModel, StableDiffusionPipeline, T2IAdapter
+from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image, ImageDraw
+
+from shared.base import load_base
+from shared.conditions import ConditionSpec, LoadedCondition
+from shared.edlora import cross_attention_layers
+from shared.fused_model import expand_prompt, load_fused
+from shared.regional import Box, RegionalProcessor, feature_grid
+from shared.sampling import initial_latents
+from shared.scene import Region, Scene, regional_processors, render
+from tests.test_base_and_cli import run_cli
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def condition_models(tiny_base, tmp_path_factory):
+    """A tiny T2I-Adapter, a tiny ControlNet (both fitting the tiny UNet), a misfit adapter, a sketch image."""
+    root = tmp_path_factory.mktemp("conditions")
+    unet = load_base(tiny_base).unet
+    channels = list(unet.config.block_out_channels)
+    torch.manual_seed(0)
+    T2IAdapter(in_channels=3, channels=channels, num_res_blocks=1, downscale_factor=8,
+               adapter_type="full_adapter").save_pretrained(root / "adapter")
+    T2IAdapter(in_channels=3, channels=[c // 2 for c in channels], num_res_blocks=1, downscale_factor=8,
+               adapter_type="full_adapter").save_pretrained(root / "adapter-misfit")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    with torch.no_grad():  # from_unet zero-initialises the output convolutions: give them weights to act
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            module.weight.normal_(0, 0.05)
+    controlnet.save_pretrained(root / "controlnet")
+    sketch = Image.new("RGB", (SIZE, SIZE), "black")
+    ImageDraw.Draw(sketch).ellipse((8, 8, 40, 40), outline="white", width=3)
+    sketch.save(root / "sketch.png")
+    (root / "broken.png").write_bytes(b"not an image at all")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fused(fused_three):
+    return load_fused(fused_three["gradient"])
+
+
+def _scene(**kw) -> Scene:
+    values = dict(prompt="a photo of a garden", negative="blurry", steps=3, height=SIZE, width=SIZE, seed=7)
+    values.update(kw)
+    return Scene(**values)
+
+
+def _inputs_of_every_cross_attention(base, encoder, scene, expand) -> dict:
+    """The hidden states each cross-attention layer receives during one render (first UNet call)."""
+    seen = {}
+    handles = []
+    for name in cross_attention_layers(base.unet):
+        module = base.unet.get_submodule(name)
+
+        def grab(mod, args, kwargs, name=name):
+            seen.setdefault(name, (args[0] if args else kwargs["hidden_states"]).clone())
+        handles.append(module.register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        render(base, encoder, scene, expand)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _states(encoder, expand, prompts: list[str]) -> torch.Tensor:
+    return torch.cat([encoder.encode([expand(p)]) for p in prompts], dim=1)
+
+
+def test_region_prompt_changes_only_its_box(fused):
+    """Isolation: at every cross-attention layer, region A's prompt moves the output inside A's box only."""
+    base, encoder, concepts = fused
+    expand = lambda t: expand_prompt(t, concepts)  # noqa: E731
+    boxes = [Box(0.0, 0.0, 0.5, 0.5), Box(0.25, 0.5, 1.0, 1.0)]
+    scene = _scene(regions=[Region("a <red-circle>", boxes[0]), Region("a <blue-square>", boxes[1])])
+    inputs = _inputs_of_every_cross_attention(base, encoder, scene, expand)
+    layout = regional_processors(base)
+    latent = initial_latents(base, 1, SIZE, SIZE, 0).shape[-2:]
+    layout.set(boxes, tuple(latent))
+    one = _states(encoder, expand, ["a photo of a garden", "a <red-circle>", "a <blue-square>"])
+    two = _states(encoder, expand, ["a photo of a garden", "a <green-triangle> on the grass", "a <blue-square>"])
+    try:
+        for name, hidden in inputs.items():
+            attn = base.unet.get_submodule(name)
+            h, w = feature_grid(tuple(latent), hidden.shape[1])
+            inside = boxes[0].mask(h, w).flatten()
+            with torch.no_grad():
+                a = attn(hidden[:1], encoder_hidden_states=one)
+                b = attn(hidden[:1], encoder_hidden_states=two)
+            assert torch.equal(a[:, ~inside], b[:, ~inside]), name
+            assert (a[:, inside] - b[:, inside]).abs().amax() > 1e-6, name
+    finally:
+        layout.set([], (0, 0))
+
+
+def test_overlap_is_the_mean_of_the_two_regions(fused):
+    base, encoder, concepts = fused
+    expand = lambda t: expand_prompt(t, concepts)  # noqa: E731
+    boxes = [Box(0.0, 0.0, 0.75, 0.75), Box(0.25, 0.25, 1.0, 1.0)]
+    prompts = ["a photo of a garden", "a <red-circle>", "a <green-triangle>"]
+    scene = _scene(regions=[Region(p, b) for p, b in zip(prompts[1:], boxes)])
+    inputs = _inputs_of_every_cross_attention(base, encoder, scene, expand)
+    name = cross_attention_layers(base.unet)[0]
+    attn, hidden = base.unet.get_submodule(name), inputs[name][:1]
+    processor = attn.processor
+    assert isinstance(processor, RegionalProcessor)
+    latent = tuple(initial_latents(base, 1, SIZE, SIZE, 0).shape[-2:])
+    processor.layout.set(boxes, latent)
+    states = _states(encoder, expand, prompts)
+    try:
+        with torch.no_grad():
+            out = attn(hidden, encoder_hidden_states=states)
+            length, span = base.tokenizer.model_max_length, states.shape[1] // 3
+            k = processor.index
+            regions = [AttnProcessor2_0()(attn, hidden, states[:, r * span + k * length: r * span + (k + 1) * length])
+                       for r in (1, 2)]
+    finally:
+        processor.layout.set([], (0, 0))
+    h, w = feature_grid(latent, hidden.shape[1])
+    both = (boxes[0].mask(h, w) & boxes[1].mask(h, w)).flatten()
+    only_first = (boxes[0].mask(h, w) & ~boxes[1].mask(h, w)).flatten()
+    assert both.any() and only_first.any()
+    assert torch.allclose(out[:, both], (regions[0][:, both] + regions[1][:, both]) / 2, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(out[:, only_first], regions[0][:, only_first], atol=1e-6, rtol=1e-5)
+
+
+def test_no_regions_is_the_plain_pipeline_bitwise(tiny_base):
+    """No regions: diffusers' own StableDiffusionPipeline with the same prompt and seed gives the same image."""
+    from cli.models import load_scene_model
+
+    scene = _scene(base=tiny_base)
+    base, encoder, expand, _ = load_scene_model(scene, torch.device("cpu"), torch.float32)
+    ours = render(base, encoder, scene, expand, output_type="np")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True)
+    from shared.sampling import make_scheduler
+
+    pipe.scheduler = make_scheduler(base, "dpm++")
+    pipe.set_progress_bar_config(disable=True)
+    latents = initial_latents(base, 1, SIZE, SIZE, scene.seed)
+    plain = pipe(scene.prompt, negative_prompt=scene.negative, latents=latents, num_inference_steps=scene.steps,
+                 guidance_scale=scene.guidance, height=SIZE, width=SIZE, output_type="np").images
+    assert (ours == plain).all()
+
+
+@pytest.mark.parametrize("kind", ["t2i-adapter", "controlnet"])
+def test_condition_weights(kind, fused, condition_models):
+    base, encoder, concepts = fused
+    expand = lambda t: expand_prompt(t, concepts)  # noqa: E731
+    model = condition_models / ("adapter" if kind == "t2i-adapter" else "controlnet")
+    image = condition_models / "sketch.png"
+    plain = render(base, encoder, _scene(), expand, output_type="np")
+    zero = render(base, encoder, _scene(conditions=[ConditionSpec(kind, model, image, 0.0)]), expand,
+                  output_type="np")
+    some = render(base, encoder, _scene(conditions=[ConditionSpec(kind, model, image, 1.0)]), expand,
+                  output_type="np")
+    assert (zero == plain).all()
+    assert abs(some - plain).max() > 1e-4
+    # a box's own weight moves only that box's residuals
+    box = Box(0.0, 0.5, 0.5, 1.0)
+    low = LoadedCondition(ConditionSpec(kind, model, image, 1.0, [(box, 0.2)]), base.unet, 8, SIZE, SIZE)
+    high = LoadedCondition(ConditionSpec(kind, model, image, 1.0, [(box, 0.9)]), base.unet, 8, SIZE, SIZE)
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, base.unet.config.in_channels, SIZE // 8, SIZE // 8, generator=gen)
+    text = encoder.encode(["a photo", "a photo"])
+    with torch.no_grad():
+        parts_low, mid_low = low.residuals(sample, torch.tensor(500), text)
+        parts_high, mid_high = high.residuals(sample, torch.tensor(500), text)
+    pairs = list(zip(parts_low, parts_high)) + ([(mid_low, mid_high)] if mid_low is not None else [])
+    for a, b in pairs:
+        inside = box.mask(*a.shape[-2:])
+        assert torch.equal(a[..., ~inside], b[..., ~inside])
+        assert (a[..., inside] - b[..., inside]).abs().amax() > 0
+
+
+def _scene_yaml(tmp_path, fused_folder, condition_models, **extra) -> object:
+    data = {"model": str(fused_folder), "prompt": "a photo of a garden", "negative": "blurry",
+            "regions": [{"prompt": "a <red-circle>", "box": [0.0, 0.0, 0.5, 0.5]},
+                        {"prompt": "a <blue-square>", "negative": "dark", "box": [0.0, 0.5, 0.5, 1.0]},
+                        {"prompt": "a <green-triangle>", "box": [0.5, 0.25, 1.0, 0.75]}],
+            "conditions": [{"type": "t2i-adapter", "model": str(condition_models / "adapter"),
+                            "image": str(condition_models / "sketch.png"), "weight": 0.8,
+                            "boxes": [{"box": [0.5, 0.25, 1.0, 0.75], "weight": 0.3}]}],
+            "seed": 3, "steps": 3, "height": SIZE, "width": SIZE}
+    data.update(extra)
+    path = tmp_path / "scene.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "ddim", "euler"])
+def test_three_concepts_in_three_boxes_with_every_scheduler(scheduler, fused_three, condition_models, tmp_path,
+                                                              monkeypatch, capsys):
+    config = _scene_yaml(tmp_path, fused_three["gradient"], condition_models, scheduler=scheduler)
+    code, out, err = run_cli(["sample", "--config", str(config), "--out", str(tmp_path / "scene.png")],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    image = Image.open(tmp_path / "scene.png")
+    assert image.size == (SIZE, SIZE)
+    assert torch.tensor(list(image.convert("L").getdata())).float().std() > 1
+    overlay = Image.open(tmp_path / "scene_overlay.png").convert("RGB")
+    scale = overlay.width // SIZE
+    # each box's outline is drawn in its own colour at its top-left corner
+    from shared.scene import COLOURS
+
+    for i, (top, left) in enumerate([(0.0, 0.0), (0.0, 0.5), (0.5, 0.25)]):
+        x, y = int(left * SIZE * scale) + 1, int(top * SIZE * scale) + 1
+        assert overlay.getpixel((x, y)) == COLOURS[i], (i, overlay.getpixel((x, y)))
+
+
+def test_scene_bad_input(fused_three, condition_models, tmp_path, monkeypatch, capsys):
+    folder = fused_three["gradient"]
+    adapter, misfit = str(condition_models / "adapter"), str(condition_models / "adapter-misfit")
+    cases = {
+        "outside [0, 1]": {"regions": [{"prompt": "a <red-circle>", "box": [0.0, 0.0, 1.5, 0.5]}]},
+        "is empty": {"regions": [{"prompt": "a <red-circle>", "box": [0.5, 0.0, 0.5, 0.5]}]},
+        "which this model lacks": {"regions": [{"prompt": "a <purple-star>", "box": [0.0, 0.0, 0.5, 0.5]}]},
+        "cannot be read as an image": {"conditions": [{"type": "t2i-adapter", "model": adapter,
+                                                       "image": str(condition_models / "broken.png")}]},
+        "channels": {"conditions": [{"type": "t2i-adapter", "model": misfit,
+                                     "image": str(condition_models / "sketch.png")}]},
+        "unknown key 'guidence'": {"guidence": 5.0},
+    }
+    for i, (message, extra) in enumerate(cases.items()):
+        case = tmp_path / f"case{i}"
+        case.mkdir()
+        config = _scene_yaml(case, folder, condition_models, **extra)
+        data = yaml.safe_load(config.read_text())
+        if "regions" not in extra:
+            data.pop("regions")
+        if "conditions" not in extra:
+            data.pop("conditions")
+        config.write_text(yaml.safe_dump(data))
+        code, out, err = run_cli(["sample", "--config", str(config), "--out", str(case / "x.png")], monkeypatch, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (message, err)
+        assert not (case / "x.png").exists() and not (case / "x_overlay.png").exists()
