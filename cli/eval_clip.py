@@ -48,6 +48,8 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
         if not sep or not name or not folder:
             raise UserError(f"--concept {item!r} must be NAME=REFERENCE_IMAGES_DIR")
         pairs.append((name.strip("<>"), Path(folder)))
+    if seeds < 1 or steps < 1:
+        raise UserError("--seeds and --steps must be at least 1")
     templates = list(prompt or DEFAULT_PROMPTS)
     for t in templates:
         if t.count("{}") != 1:
@@ -57,11 +59,15 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
     scorer = ClipScorer(clip, dev, dt)
     pipe, encoder, expand, _ = load_scene_model(Scene(prompt="", model=model, base=base, fused_lora=fused_lora),
                                                 dev, dt, base_config)
-    records = {c["name"]: c for c in read_concepts(model)["concepts"]} if model else None
+    known = read_concepts(model)["concepts"] if model else _concepts_of(fused_lora)
+    records = {c["name"]: c for c in known}
+    for name, _folder in pairs:  # every name checked before any sampling
+        if name not in records:
+            raise UserError(f"--concept {name}: the model lacks this concept (it has: "
+                            f"{', '.join(sorted(records))})")
     results: dict = {"clip": str(clip), "model": str(model or fused_lora), "concepts": {}}
     for name, _folder in pairs:
-        expand(f"<{name}>")  # a concept the model lacks is an error before any sampling
-        class_word = records[name]["class_word"] if records else _class_word_of(fused_lora, name)
+        class_word = records[name]["class_word"]
         ref = scorer.images(references[name])
         rows = []
         for template in templates:
@@ -89,12 +95,11 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
         Console().print(f"wrote {json_out}")
 
 
-def _class_word_of(fused_lora: Path, name: str) -> str:
-    """The class word recorded for `name` in a fused_lora.safetensors' metadata."""
+def _concepts_of(fused_lora: Path) -> list[dict]:
+    """The concept records in a fused_lora.safetensors' metadata."""
     import json
 
     from safetensors import safe_open
 
     with safe_open(str(fused_lora), framework="pt") as f:
-        concepts = json.loads((f.metadata() or {}).get("concepts", "{}")).get("concepts", [])
-    return next(c["class_word"] for c in concepts if c["name"] == name)
+        return json.loads((f.metadata() or {}).get("concepts", "{}")).get("concepts", [])

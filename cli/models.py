@@ -39,13 +39,26 @@ def load_scene_model(scene, device: torch.device, dtype: torch.dtype, base_confi
         return base, encoder, lambda text: expand_prompt(text, concepts), None
     if scene.concepts:
         meta, encoder = apply_concept(base, scene.concepts[0])
-        concepts = [{"name": meta.name, "tokens": [meta.phrase]}]
         scale = lora_scale([base.unet, base.text_encoder], lora_weight)
-        return base, encoder, lambda text: expand_prompt(text.replace("<TOK>", meta.phrase), concepts), scale
+        return base, encoder, single_concept_expander(meta), scale
     n_layers = len(cross_attention_layers(base.unet))
     install_layer_processors(base.unet, base.tokenizer.model_max_length)
     encoder = LayerwiseTextEncoder(base.tokenizer, base.text_encoder, TokenMap(n_layers))
     return base, encoder, lambda text: expand_prompt(text, []), None
+
+
+def single_concept_expander(meta):
+    """Prompts for one package: `<TOK>` or `<name>` become its words, which may also be written as they are."""
+    import re
+
+    def expand(text: str) -> str:
+        text = text.replace("<TOK>", meta.phrase).replace(f"<{meta.name}>", meta.phrase)
+        unknown = [w for w in re.findall(r"<[^<>\s/]+>", text) if w not in meta.words]
+        if unknown:
+            raise UserError(f"prompt names concept {unknown[0]}, which this model lacks (it has: <{meta.name}>, "
+                            f"written <TOK> or {meta.phrase})")
+        return text
+    return expand
 
 
 def fuse_in_memory(scene, device: torch.device, dtype: torch.dtype, base_config: Path | None):

@@ -97,10 +97,19 @@ def parse_condition(text: str) -> dict:
     """'type:model:image[:weight]' -> the YAML form of a condition."""
     from shared.errors import UserError
 
-    parts = text.split(":")
-    if len(parts) not in (3, 4):
+    kind, _, rest = text.partition(":")
+    model, _, rest = rest.partition(":")
+    image, _, weight = rest.rpartition(":")
+    if weight and not image:  # no weight given: everything after the model is the image
+        image, weight = weight, ""
+    else:
+        try:
+            float(weight)
+        except ValueError:  # the image path itself holds a ':'
+            image, weight = rest, ""
+    if not kind or not model or not image:
         raise UserError(f"--condition {text!r} must be 'type:MODEL_DIR:IMAGE[:WEIGHT]'")
-    item = {"type": parts[0], "model": parts[1], "image": parts[2]}
-    if len(parts) == 4:
-        item["weight"] = parts[3]
+    item = {"type": kind, "model": model, "image": image}
+    if weight:
+        item["weight"] = weight
     return item

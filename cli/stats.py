@@ -17,9 +17,9 @@ def run(base: Path = Base, base_config: Path = BaseConfig,
                                                             "(default: one per prompt template)"),
         data: Path = typer.Option(None, "--data", help="training images, for --source train"),
         steps: int = typer.Option(20, "--steps", help="DPM-Solver++ steps per sample (all recorded)"),
-        pack: str = typer.Option("compact", "--pack", help="compact (default: lowrank32 where a site saw fewer rows "
-                                                          "than its width, else tri16), full32, tri32, tri16, "
-                                                          "lowrank32; see docs/formats.md"),
+        pack: str = typer.Option("compact", "--pack", help="compact (default: per Gram the smallest faithful of "
+                                                          "lowrank32/tri24/tri32), full32, full64, tri32, tri24, "
+                                                          "tri16, lowrank32; see docs/fusion.md"),
         seed: int = typer.Option(0, "--seed"),
         device: str = Device, dtype: str = Dtype) -> None:
     """Record the Grams of every adapted layer's inputs into PKG/stats.safetensors (raw activations never kept)."""

@@ -38,7 +38,7 @@ class ClipScorer:
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
         pixels = self.processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
-        emb = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+        emb = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype), return_dict=True)
         emb = getattr(emb, "pooler_output", emb)
         return torch.nn.functional.normalize(emb.float(), dim=-1)
 
@@ -47,7 +47,7 @@ class ClipScorer:
         tokens = self.tokenizer(texts, padding="max_length", truncation=True,
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
         emb = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                           attention_mask=tokens["attention_mask"].to(self.device))
+                                           attention_mask=tokens["attention_mask"].to(self.device), return_dict=True)
         emb = getattr(emb, "pooler_output", emb)
         return torch.nn.functional.normalize(emb.float(), dim=-1)
 

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from shared.edlora import LayerSliceProcessor, cross_attention_layers
 from shared.errors import UserError
-from shared.regional import Box
+from shared.regional import Box, level_sizes
 
 KINDS = ("t2i-adapter", "controlnet")
 
@@ -49,14 +49,15 @@ def weight_map(spec: ConditionSpec, h: int, w: int) -> torch.Tensor:
     return out
 
 
-def read_condition_image(path: Path, height: int, width: int) -> torch.Tensor:
-    """(1, 3, height, width) in [0, 1], resized to the image size; UserError when it cannot be read."""
+def read_condition_image(path: Path, height: int, width: int, channels: int = 3) -> torch.Tensor:
+    """(1, channels, height, width) in [0, 1] (channels 1: greyscale, 3: RGB), resized to the image size;
+    UserError when it cannot be read."""
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+            picture = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise UserError(f"condition image {path} cannot be read as an image ({exc}); give a PNG or JPEG") from exc
-    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    data = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(height, width, channels)
     return (data.permute(2, 0, 1).float() / 255.0)[None]
 
 
@@ -67,58 +68,64 @@ class LoadedCondition:
                  text_length: int = 77):
         if spec.kind not in KINDS:
             raise UserError(f"condition type {spec.kind!r} is not one of {', '.join(KINDS)}")
-        if not Path(spec.model).is_dir():
-            raise UserError(f"condition model {spec.model} is not a folder: give a local diffusers "
-                            f"{'T2IAdapter' if spec.kind == 't2i-adapter' else 'ControlNetModel'} folder")
-        self.spec, self.text_length = spec, text_length
-        device, dtype = unet.device, unet.dtype
-        self.image = read_condition_image(spec.image, height, width).to(device, dtype)
         cls = T2IAdapter if spec.kind == "t2i-adapter" else ControlNetModel
+        if not Path(spec.model).is_dir():
+            raise UserError(f"condition model {spec.model} is not a folder: give a local diffusers {cls.__name__} "
+                            "folder")
+        self.spec, self.text_length, self._maps = spec, text_length, {}
+        device, dtype = unet.device, unet.dtype
         try:
-            self.model = cls.from_pretrained(str(spec.model), local_files_only=True).to(device, dtype).eval()
-        except (OSError, ValueError) as exc:
+            model, info = cls.from_pretrained(str(spec.model), local_files_only=True, output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"{spec.model} is not a loadable {cls.__name__} folder ({exc})") from exc
+        missing = list(info.get("missing_keys", [])) + list(info.get("mismatched_keys", []))
+        if missing:
+            raise UserError(f"{spec.model}: its weights do not cover its config ({len(missing)} tensors missing or "
+                            f"mis-shaped, e.g. {missing[0]}); the folder is damaged or mixed up")
+        self.model = model.to(device, dtype).eval()
         blocks = list(unet.config.block_out_channels)
+        latent = (height // vae_factor, width // vae_factor)
         if spec.kind == "t2i-adapter":
-            self._check_adapter(blocks, vae_factor)
-            with torch.no_grad():
-                self.features = self.model(self.image)
-            expected = [(height // vae_factor) >> i for i in range(len(blocks))]
-            got = [f.shape[-2] for f in self.features]
+            channels = int(self.model.config.in_channels)
+            if channels not in (1, 3):
+                raise UserError(f"T2I-Adapter {spec.model} reads {channels}-channel images; only 1 (greyscale) "
+                                "or 3 (RGB) can be given")
+            self.image = read_condition_image(spec.image, height, width, channels).to(device, dtype)
+            try:
+                with torch.no_grad():
+                    self.features = list(self.model(self.image))
+            except RuntimeError as exc:
+                raise UserError(f"T2I-Adapter {spec.model} cannot read a {height}x{width} image ({exc})") from exc
+            got = [(int(f.shape[1]), int(f.shape[2]), int(f.shape[3])) for f in self.features]
+            expected = [(c, h, w) for c, (h, w) in zip(blocks, level_sizes(latent, len(blocks)))]
             if got != expected:
-                raise UserError(f"T2I-Adapter {spec.model} gives features of heights {got}; this UNet's levels are "
-                                f"{expected}: its downscale factor does not fit this base")
+                raise UserError(f"T2I-Adapter {spec.model} gives features (channels, h, w) {got}, but this UNet's "
+                                f"levels are {expected}: use an adapter trained for this base (its channels and "
+                                "downscale factor must fit the UNet and VAE)")
         else:
-            self._check_controlnet(unet, blocks, vae_factor)
+            channels = int(self.model.config.conditioning_channels)
+            self.image = read_condition_image(spec.image, height, width, channels if channels == 1 else 3)
+            self.image = self.image.to(device, dtype)
+            self._check_controlnet(unet, vae_factor)
 
-    def _check_adapter(self, blocks: list[int], vae_factor: int) -> None:
+    def _check_controlnet(self, unet: UNet2DConditionModel, vae_factor: int) -> None:
         cfg = self.model.config
-        channels = list(cfg.channels)
-        if channels != blocks:
-            raise UserError(f"T2I-Adapter {self.spec.model} has channels {channels}, but the UNet's blocks have "
-                            f"{blocks}: use an adapter trained for this base")
-        if int(cfg.in_channels) != 3:
-            raise UserError(f"T2I-Adapter {self.spec.model} reads {cfg.in_channels} image channels, not RGB")
-        if int(cfg.downscale_factor) != vae_factor:
-            raise UserError(f"T2I-Adapter {self.spec.model} downscales by {cfg.downscale_factor}, the VAE by "
-                            f"{vae_factor}: use an adapter trained for this base")
 
-    def _check_controlnet(self, unet: UNet2DConditionModel, blocks: list[int], vae_factor: int) -> None:
-        cfg = self.model.config
         def plain(value):
             return list(value) if isinstance(value, (list, tuple)) else value
 
-        wrong = [(k, plain(cfg[k]), plain(unet.config[k])) for k in ("block_out_channels", "cross_attention_dim",
-                                                                      "in_channels")
-                 if plain(cfg[k]) != plain(unet.config[k])]
+        keys = ("block_out_channels", "cross_attention_dim", "in_channels", "layers_per_block", "down_block_types",
+                "mid_block_type")
+        wrong = [(k, plain(cfg[k]), plain(unet.config[k])) for k in keys
+                 if k in cfg and k in unet.config and plain(cfg[k]) != plain(unet.config[k])]
         if wrong:
             detail = "; ".join(f"{k} {a} vs the UNet's {b}" for k, a, b in wrong)
             raise UserError(f"ControlNet {self.spec.model} does not fit this UNet ({detail}): use one trained for "
                             "this base")
         embed = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
-        if embed != vae_factor or int(cfg.conditioning_channels) != 3:
+        if embed != vae_factor or int(cfg.conditioning_channels) not in (1, 3):
             raise UserError(f"ControlNet {self.spec.model} embeds {cfg.conditioning_channels}-channel images at 1/"
-                            f"{embed} scale; this base needs RGB at 1/{vae_factor}")
+                            f"{embed} scale; this base needs greyscale or RGB at 1/{vae_factor}")
         unet_layers = cross_attention_layers(unet)
         procs = dict(self.model.attn_processors)
         for name in [n for n in procs if n.endswith("attn2.processor")]:
@@ -140,8 +147,10 @@ class LoadedCondition:
         return [self._weighted(r) for r in down], self._weighted(mid)
 
     def _weighted(self, residual: torch.Tensor) -> torch.Tensor:
-        wmap = weight_map(self.spec, residual.shape[-2], residual.shape[-1]).to(residual.device, residual.dtype)
-        return residual * wmap
+        key = (residual.shape[-2], residual.shape[-1], residual.device, residual.dtype)
+        if key not in self._maps:
+            self._maps[key] = weight_map(self.spec, *key[:2]).to(residual.device, residual.dtype)
+        return residual * self._maps[key]
 
 
 class ConditionHook:

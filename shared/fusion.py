@@ -30,8 +30,9 @@ def absolute_lam(S: torch.Tensor, relative: float = DEFAULT_LAM) -> float:
 
 def regularised_cholesky(S: torch.Tensor, lam: float) -> torch.Tensor:
     """Lower Cholesky factor L of S + λI (S symmetric PSD, d x d)."""
-    eye = torch.eye(S.shape[0], dtype=DTYPE, device=S.device)
-    factor, info = torch.linalg.cholesky_ex(S.to(DTYPE) + lam * eye)
+    shifted = S.to(DTYPE, copy=True)
+    shifted.diagonal().add_(lam)  # in place: no identity matrix, one pass less over d x d memory
+    factor, info = torch.linalg.cholesky_ex(shifted)
     if int(info) != 0:
         raise ValueError(f"S + {lam}·I is not positive definite (leading minor {int(info)}); raise --lam")
     return factor
@@ -67,13 +68,17 @@ def fused_lora_rows(ups: list[torch.Tensor], downs: list[torch.Tensor], rows: li
     `extra` (m x d, already scaled) adds rows to S with target W0, as the preservation prompts.
     """
     weights = weights or [1.0] * len(ups)
-    scaled = [(w / x.shape[0]) ** 0.5 * x.to(DTYPE) for w, x in zip(weights, rows)]
-    Y = torch.cat(scaled + ([extra.to(DTYPE)] if extra is not None else []))
-    E = torch.zeros(sum(a.shape[0] for a in downs), Y.shape[0], dtype=DTYPE, device=Y.device)
-    r0 = c0 = 0
-    for a, y in zip(downs, scaled):
-        E[r0:r0 + a.shape[0], c0:c0 + y.shape[0]] = a.to(DTYPE) @ y.T
-        r0, c0 = r0 + a.shape[0], c0 + y.shape[0]
+    counts = torch.tensor([x.shape[0] for x in rows])
+    scale = (torch.tensor(weights, dtype=DTYPE) / counts).sqrt().repeat_interleave(counts)
+    Y = torch.cat([x.to(DTYPE) for x in rows]) * scale.to(rows[0].device)[:, None]
+    A = torch.cat([a.to(DTYPE) for a in downs])
+    # E = block-diagonal [C_1 … C_N], C_i = A_i Y_iᵀ: one product, then the off-diagonal blocks zeroed
+    owner_row = torch.arange(len(downs)).repeat_interleave(torch.tensor([a.shape[0] for a in downs]))
+    owner_col = torch.arange(len(rows)).repeat_interleave(counts)
+    E = (A @ Y.T) * (owner_row[:, None] == owner_col[None, :]).to(Y.device, DTYPE)
+    if extra is not None:
+        Y = torch.cat([Y, extra.to(DTYPE)])
+        E = torch.cat([E, E.new_zeros(E.shape[0], extra.shape[0])], dim=1)
     factor = regularised_cholesky(Y @ Y.T, lam)
     up = torch.cat([u.to(DTYPE) for u in ups], dim=1)
     return up, right_solve(E, factor) @ Y

@@ -59,15 +59,21 @@ class Box:
         return inside
 
 
-def feature_grid(latent_hw: tuple[int, int], positions: int) -> tuple[int, int]:
-    """(h, w) of a UNet feature map with `positions` cells: the latent size halved (rounding up), as the
-    UNet's stride-2 convolutions do, until it matches."""
-    h, w = latent_hw
-    while h * w > positions:
+def level_sizes(latent_hw: tuple[int, int], levels: int) -> list[tuple[int, int]]:
+    """(h, w) of each UNet level: the latent size halved, rounding up, as the stride-2 convolutions do."""
+    sizes, (h, w) = [], latent_hw
+    for _ in range(levels):
+        sizes.append((h, w))
         h, w = math.ceil(h / 2), math.ceil(w / 2)
-    if h * w != positions:
-        raise ValueError(f"a feature map of {positions} cells does not come from a {latent_hw} latent")
-    return h, w
+    return sizes
+
+
+def feature_grid(latent_hw: tuple[int, int], positions: int) -> tuple[int, int]:
+    """(h, w) of the UNet feature map with `positions` cells."""
+    for h, w in level_sizes(latent_hw, 16):
+        if h * w == positions:
+            return h, w
+    raise ValueError(f"a feature map of {positions} cells does not come from a {latent_hw} latent")
 
 
 @dataclass

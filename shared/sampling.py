@@ -29,12 +29,18 @@ def make_scheduler(base: Base, name: str):
         raise UserError(f"--scheduler {name!r} is not one of {', '.join(SCHEDULERS)}") from None
 
 
+def latent_shape(base: Base, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(batch, channels, h, w) of the latents for an image of height x width (checked)."""
+    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    if height % (factor * 2) or width % (factor * 2) or height <= 0 or width <= 0:
+        raise UserError(f"--height/--width must be positive multiples of {factor * 2} for this base, "
+                        f"got {height}x{width}")
+    return batch, base.unet.config.in_channels, height // factor, width // factor
+
+
 def initial_latents(base: Base, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
     """Seeded noise drawn on the CPU, so a seed gives the same start on every device."""
-    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
-    if height % (factor * 2) or width % (factor * 2):
-        raise UserError(f"--height/--width must be multiples of {factor * 2} for this base, got {height}x{width}")
-    shape = (batch, base.unet.config.in_channels, height // factor, width // factor)
+    shape = latent_shape(base, batch, height, width)
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 

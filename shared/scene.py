@@ -16,7 +16,7 @@ from shared.conditions import KINDS, ConditionHook, ConditionSpec, LoadedConditi
 from shared.edlora import LayerwiseTextEncoder, cross_attention_layers
 from shared.errors import UserError
 from shared.regional import Box, RegionalProcessor, RegionLayout, install_regional_processors
-from shared.sampling import SCHEDULERS, denoise, initial_latents
+from shared.sampling import SCHEDULERS, denoise, latent_shape
 
 
 @dataclass
@@ -70,6 +70,15 @@ def _number(value, kind, where: str):
         raise UserError(f"{where} must be a{'n integer' if kind is int else ' number'}, got {value!r}") from None
 
 
+def _text(value, where: str) -> str:
+    """A prompt field: a string, or empty when absent or null."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{where} must be text, got {value!r}")
+    return value
+
+
 def _path(value, relative_to: Path) -> Path:
     path = Path(str(value)).expanduser()
     return path if path.is_absolute() else relative_to / path
@@ -86,7 +95,8 @@ def scene_from_dict(data: dict, where: str, relative_to: Path = Path(".")) -> Sc
         item = _check_keys(item, REGION_KEYS, here)
         if not isinstance(item.get("prompt"), str) or "box" not in item:
             raise UserError(f"{here} needs a 'prompt' and a 'box' [top, left, bottom, right]")
-        regions.append(Region(item["prompt"], Box.parse(item["box"], f"{here}.box"), str(item.get("negative", ""))))
+        regions.append(Region(item["prompt"], Box.parse(item["box"], f"{here}.box"),
+                              _text(item.get("negative"), f"{here}.negative")))
     conditions = []
     for i, item in enumerate(data.get("conditions") or []):
         here = f"{where}: conditions[{i}]"
@@ -104,9 +114,13 @@ def scene_from_dict(data: dict, where: str, relative_to: Path = Path(".")) -> Sc
         conditions.append(ConditionSpec(item["type"], _path(item["model"], relative_to),
                                         _path(item["image"], relative_to),
                                         _number(item.get("weight", 1.0), float, f"{here}.weight"), boxes))
-    scene = Scene(prompt=data["prompt"], negative=str(data.get("negative", "")), regions=regions,
-                  conditions=conditions,
-                  concepts=[_path(c, relative_to) for c in (data.get("concepts") or [])])
+    concepts = data.get("concepts") or []
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    if not isinstance(concepts, list):
+        raise UserError(f"{where}: concepts must be a list of concept package folders")
+    scene = Scene(prompt=data["prompt"], negative=_text(data.get("negative"), f"{where}: negative"), regions=regions,
+                  conditions=conditions, concepts=[_path(c, relative_to) for c in concepts])
     for key, kind in (("seed", int), ("steps", int), ("guidance", float), ("height", int), ("width", int),
                       ("batch", int)):
         if key in data:
@@ -161,7 +175,7 @@ def render(base: Base, encoder: LayerwiseTextEncoder, scene: Scene, expand=lambd
     negatives = [expand(scene.negative)] + [expand(r.negative) for r in scene.regions]
     positive = torch.cat([encoder.encode([t] * batch) for t in texts], dim=1)
     negative = torch.cat([encoder.encode([t] * batch) for t in negatives], dim=1)
-    latent = initial_latents(base, 1, scene.height, scene.width, scene.seed).shape[-2:]
+    latent = latent_shape(base, 1, scene.height, scene.width)[-2:]
     factor = scene.height // latent[0]
     conditions = [LoadedCondition(spec, base.unet, factor, scene.height, scene.width, base.tokenizer.model_max_length)
                   for spec in scene.conditions]
@@ -175,6 +189,12 @@ def render(base: Base, encoder: LayerwiseTextEncoder, scene: Scene, expand=lambd
         layout.set([], (0, 0))
         if hook is not None:
             hook.detach()
+
+
+def _pixels(box: Box, w: int, h: int) -> tuple[float, float, float, float]:
+    """The box in pixels (at least one pixel wide and high)."""
+    x0, y0 = box.left * w, box.top * h
+    return x0, y0, max(x0, box.right * w - 1), max(y0, box.bottom * h - 1)
 
 
 COLOURS = ((230, 57, 70), (29, 120, 216), (42, 157, 80), (244, 162, 97), (131, 56, 236), (0, 150, 150))
@@ -193,13 +213,12 @@ def overlay(image: Image.Image, scene: Scene) -> Image.Image:
     for i, region in enumerate(scene.regions):
         colour = COLOURS[i % len(COLOURS)]
         b = region.box
-        xy = (b.left * w, b.top * h, b.right * w - 1, b.bottom * h - 1)
-        draw_tint.rectangle(xy, fill=(*colour, 60))
+        draw_tint.rectangle(_pixels(b, w, h), fill=(*colour, 60))
     canvas.paste(Image.alpha_composite(big.convert("RGBA"), tint).convert("RGB"), (0, 0))
     for i, region in enumerate(scene.regions):
         colour = COLOURS[i % len(COLOURS)]
         b = region.box
-        draw.rectangle((b.left * w, b.top * h, b.right * w - 1, b.bottom * h - 1), outline=colour, width=3)
+        draw.rectangle(_pixels(b, w, h), outline=colour, width=3)
         draw.text((b.left * w + 4, b.top * h + 2), str(i + 1), fill=colour)
         draw.text((4, h + 4 + 16 * i), f"{i + 1}: {region.prompt}"[:90], fill=colour)
     draw.text((4, h + 4 + 16 * len(scene.regions)), f"global: {scene.prompt}"[:90], fill="black")

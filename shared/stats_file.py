@@ -12,11 +12,14 @@ Encodings, per tensor:
     lowrank32  R with RᵀR = Ĝ = G / n, float32 [k, d], k = min(n, d), from an eigendecomposition
                in float64: exact to float32 rounding, and small when the site saw fewer rows than
                its width (the text encoder's ~176 rows at width 768)
-    tri16      lower triangle of the Cholesky factor L of Ĝ + δI (δ = 1e-7·max diag), each row
-               scaled to int16 by its own float32 `scale.<key>`: a quarter of the bytes, L Lᵀ
-               positive semi-definite by construction (rounding the Gram's own entries would not
-               guarantee it), and ~5x more precise than float16 entries (15 bits per row vs 11)
-Packing `compact` (the default) picks, per tensor, the smallest of lowrank32, tri16 and tri32
+    tri16      lower triangle of the Cholesky factor L of Ĝ + δI (δ = 0 unless Ĝ is singular, then the
+               smallest that factorises, kept in `delta.<key>` and subtracted on reading), each row
+               quantised to 16 signed bits with its own float32 `scale.<key>`: a quarter of full32's
+               bytes, L Lᵀ positive semi-definite by construction (rounding the Gram's own entries
+               would not guarantee it), ~5x more precise than float16 entries
+    tri24      the same with 24 bits per entry: the high 16 under the key (int16), the low 8 in
+               `low.<key>` (uint8); three eighths of full32's bytes, float32-like precision
+Packing `compact` (the default) picks, per tensor, the smallest of lowrank32, tri24 and tri32
 whose round trip keeps the closed form's action on a lone concept, Ĝ (Ĝ + λI)⁻¹ at the default
 λ, within COMPACT_TOLERANCE of that of the recorded float64 Gram (relative, Frobenius); if none
 does, the most faithful. (Rounding a rank-deficient Gram to float32 entries moves it by more than
@@ -37,48 +40,60 @@ from safetensors.torch import save_file
 
 from shared.errors import UserError
 
-PACKINGS = ("compact", "full32", "full64", "tri32", "tri16", "lowrank32")
+PACKINGS = ("compact", "full32", "full64", "tri32", "tri24", "tri16", "lowrank32")
+COMPACT_CANDIDATES = ("lowrank32", "tri24", "tri32")  # tri16: opt-in only (see docs/fusion.md)
 DEFAULT_PACKING = "compact"
 COMPACT_TOLERANCE = 2e-4  # 5x below the 1e-3 weight budget: the lone-concept proxy understates N-concept error
-INT16_MAX = 32767
 
 
 def gram_key(model: str, site: str) -> str:
     return f"gram.{model}.{site}"
 
 
-def scale_key(key: str) -> str:
-    return f"scale.{key}"
+def part_key(part: str, key: str) -> str:
+    """Where an encoding's tensor `part` of the Gram `key` is stored: the Gram's own key, or `<part>.<key>`."""
+    return key if part == "gram" else f"{part}.{key}"
 
 
-def _cholesky_factor(normalised: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of Ĝ + δI, δ raised tenfold until the factorisation succeeds."""
+def _cholesky_factor(normalised: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(lower Cholesky factor of Ĝ + δI, δ): δ = 0 when Ĝ is positive definite, else the smallest of
+    1e-12, 1e-11, ... times its largest diagonal entry that lets the factorisation succeed."""
     d = normalised.shape[0]
-    delta = 1e-7 * float(normalised.diagonal().max().clamp(min=1e-30))
+    top = float(normalised.diagonal().max().clamp(min=1e-30))
     eye = torch.eye(d, dtype=torch.float64)
-    for _ in range(6):
-        factor, info = torch.linalg.cholesky_ex(normalised + delta * eye)
+    for delta in [0.0] + [top * 10.0 ** e for e in range(-12, -2)]:
+        factor, info = torch.linalg.cholesky_ex(normalised + delta * eye if delta else normalised)
         if int(info) == 0:
-            return factor
-        delta *= 10
+            return factor, delta
     raise UserError("a Gram is not positive semi-definite, so it cannot be packed; recompute the stats")
 
 
-def _pack_tri16(normalised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int16 lower triangle of the row-scaled Cholesky factor, float32 scale per row)."""
-    factor = _cholesky_factor(normalised)
-    scale = (factor.abs().amax(dim=1) / INT16_MAX).clamp(min=1e-30).to(torch.float32)
+def _pack_factor(normalised: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """The lower triangle of the Cholesky factor, each row quantised to `bits` (16 or 24) signed bits with
+    its own float32 scale: {"gram": int16 (the high 16 bits), "low": uint8 (the low 8, for 24), "scale"}."""
+    factor, delta = _cholesky_factor(normalised)
+    top = 2 ** (bits - 1) - 1
+    scale = (factor.abs().amax(dim=1) / top).clamp(min=1e-30).to(torch.float32)
     i, j = torch.tril_indices(*factor.shape)
-    quantised = torch.round(factor / scale.to(torch.float64)[:, None]).to(torch.int16)
-    return quantised[i, j].contiguous(), scale
+    q = torch.round(factor / scale.to(torch.float64)[:, None])[i, j].to(torch.int64)
+    shift = torch.tensor([delta], dtype=torch.float64)
+    if bits == 16:
+        return {"gram": q.to(torch.int16).contiguous(), "scale": scale, "delta": shift}
+    return {"gram": (q >> 8).to(torch.int16).contiguous(), "low": (q & 0xFF).to(torch.uint8).contiguous(),
+            "scale": scale, "delta": shift}
 
 
-def _unpack_tri16(packed: torch.Tensor, scale: torch.Tensor, d: int) -> torch.Tensor:
+def _unpack_factor(tensors: dict[str, torch.Tensor], d: int) -> torch.Tensor:
+    q = tensors["gram"].to(torch.float64)
+    if "low" in tensors:
+        q = q * 256 + tensors["low"].to(torch.float64)
     factor = torch.zeros(d, d, dtype=torch.float64)
     i, j = torch.tril_indices(d, d)
-    factor[i, j] = packed.to(torch.float64)
-    factor *= scale.to(torch.float64)[:, None]
-    return factor @ factor.T
+    factor[i, j] = q
+    factor *= tensors["scale"].to(torch.float64)[:, None]
+    gram = factor @ factor.T
+    gram.diagonal().sub_(float(tensors["delta"][0]))  # the δI added to make the factorisation exist
+    return gram
 
 
 def _pack_lowrank(normalised: torch.Tensor, rows: int) -> torch.Tensor:
@@ -89,30 +104,48 @@ def _pack_lowrank(normalised: torch.Tensor, rows: int) -> torch.Tensor:
     return (top[:, None] * vectors[:, -k:].T).to(torch.float32).contiguous()
 
 
-def _decode(encoding: str, tensors: dict[str, torch.Tensor], d: int) -> torch.Tensor:
-    """Ĝ back from one key's packed tensors (`gram`, and `scale` for tri16), float64."""
+def _encode(encoding: str, gram: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+    """One Gram G (float64, n = rows) as the tensors of `encoding`: "gram", and "scale"/"low" for tri16/24."""
+    d, normalised = gram.shape[0], gram / max(rows, 1)
+    if encoding in ("tri16", "tri24"):
+        return _pack_factor(normalised, int(encoding[3:]))
+    if encoding == "lowrank32":
+        return {"gram": _pack_lowrank(normalised, rows)}
+    if encoding == "tri32":
+        i, j = torch.triu_indices(d, d)
+        return {"gram": gram.to(torch.float32)[i, j].contiguous()}
+    return {"gram": gram.to(torch.float64 if encoding == "full64" else torch.float32).contiguous()}
+
+
+def _decode(encoding: str, tensors: dict[str, torch.Tensor], d: int, rows: int) -> torch.Tensor:
+    """Ĝ = G / n back from one key's tensors, float64 [d, d]."""
     raw = tensors["gram"]
-    if encoding == "tri16":
-        return _unpack_tri16(raw, tensors["scale"], d)
+    if encoding in ("tri16", "tri24"):
+        return _unpack_factor(tensors, d)
     if encoding == "lowrank32":
         factor = raw.to(torch.float64)
         return factor.T @ factor
-    return raw.to(torch.float64)
+    if encoding == "tri32":
+        gram = torch.zeros(d, d, dtype=torch.float64)
+        i, j = torch.triu_indices(d, d)
+        gram[i, j] = raw.to(torch.float64)
+        return (gram + gram.T - torch.diag(gram.diagonal())) / max(rows, 1)
+    return raw.to(torch.float64) / max(rows, 1)
 
 
-def _encode(encoding: str, normalised: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
-    """One Gram's packed tensors; tri32/full32 store Ĝ here, the caller scales them back to G."""
-    if encoding == "tri16":
-        packed, scale = _pack_tri16(normalised)
-        return {"gram": packed, "scale": scale}
-    if encoding == "lowrank32":
-        return {"gram": _pack_lowrank(normalised, rows)}
-    return {"gram": normalised.to(torch.float32)}
+def _shapes(encoding: str, d: int, rows: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor an encoding stores."""
+    triangle = (d * (d + 1) // 2,)
+    return {"full32": {"gram": (d, d)}, "full64": {"gram": (d, d)}, "tri32": {"gram": triangle},
+            "tri16": {"gram": triangle, "scale": (d,), "delta": (1,)},
+            "tri24": {"gram": triangle, "low": triangle, "scale": (d,), "delta": (1,)},
+            "lowrank32": {"gram": (min(max(rows, 1), d), d)}}.get(encoding, {})
 
 
 def _bytes(encoding: str, rows: int, d: int) -> int:
     triangle = d * (d + 1) // 2
-    return {"lowrank32": 4 * min(rows, d) * d, "tri16": 2 * triangle + 4 * d, "tri32": 4 * triangle}[encoding]
+    return {"lowrank32": 4 * min(rows, d) * d, "tri16": 2 * triangle + 4 * d, "tri24": 3 * triangle + 4 * d,
+            "tri32": 4 * triangle}[encoding]
 
 
 def _compact_choice(normalised: torch.Tensor, rows: int) -> str:
@@ -123,8 +156,9 @@ def _compact_choice(normalised: torch.Tensor, rows: int) -> str:
     d = normalised.shape[0]
     target = projection(normalised)
     errors = {}
-    for encoding in sorted(("lowrank32", "tri16", "tri32"), key=lambda e: _bytes(e, rows, d)):
-        approx = _decode(encoding, _encode(encoding, normalised, rows), d)
+    gram = normalised * max(rows, 1)
+    for encoding in sorted(COMPACT_CANDIDATES, key=lambda e: _bytes(e, rows, d)):
+        approx = _decode(encoding, _encode(encoding, gram, rows), d, rows)
         errors[encoding] = float((projection(approx) - target).norm() / target.norm().clamp(min=1e-30))
         if errors[encoding] <= COMPACT_TOLERANCE:
             return encoding
@@ -141,15 +175,8 @@ def write_stats(path: Path, grams: dict[str, torch.Tensor], rows: dict[str, int]
         d = gram.shape[0]
         normalised = gram.to(torch.float64) / max(rows[key], 1)
         encoding = _compact_choice(normalised, rows[key]) if packing == "compact" else packing
-        if encoding == "tri16":
-            tensors[key], tensors[scale_key(key)] = _pack_tri16(normalised)
-        elif encoding == "lowrank32":
-            tensors[key] = _pack_lowrank(normalised, rows[key])
-        elif encoding == "tri32":
-            i, j = torch.triu_indices(d, d)
-            tensors[key] = gram.to(torch.float32)[i, j].contiguous()
-        else:
-            tensors[key] = gram.to(torch.float64 if encoding == "full64" else torch.float32).contiguous()
+        for part, tensor in _encode(encoding, gram.to(torch.float64), rows[key]).items():
+            tensors[part_key(part, key)] = tensor
         if packing != "full32":
             meta.update({f"pack.{key}": encoding, f"dim.{key}": str(d)})
     meta.update({f"rows.{k}": str(n) for k, n in rows.items()})
@@ -201,33 +228,20 @@ class Stats:
 
     def normalised(self, key: str, d_in: int) -> torch.Tensor:
         """Ĝ = G / n for `key`, float64 [d_in, d_in], checked."""
-        encoding, n = self.encoding(key), self.rows(key)
+        encoding, n, d = self.encoding(key), self.rows(key), self.dim(key)
+        shapes = _shapes(encoding, d, n)
+        if not shapes:
+            raise UserError(f"{self.path}: {key} has an unknown encoding {encoding!r}; recompute the stats")
         try:
             with safe_open(str(self.path), framework="pt") as f:
-                raw = f.get_tensor(key)
-                scale = f.get_tensor(scale_key(key)) if encoding == "tri16" else None
+                tensors = {part: f.get_tensor(part_key(part, key)) for part in shapes}
         except (SafetensorError, OSError) as exc:
             raise UserError(f"stats file {self.path} is damaged or truncated at {key} ({exc})") from exc
-        d = self.dim(key)
-        expected = {"full32": (d, d), "full64": (d, d), "tri32": (d * (d + 1) // 2,), "tri16": (d * (d + 1) // 2,),
-                    "lowrank32": (min(max(n, 1), d), d)}.get(encoding)
-        if expected is None:
-            raise UserError(f"{self.path}: {key} has an unknown encoding {encoding!r}; recompute the stats")
-        if d != d_in or tuple(raw.shape) != expected or (scale is not None and tuple(scale.shape) != (d,)):
-            raise UserError(f"{self.path}: {key} holds a Gram of shape {tuple(raw.shape)} ({encoding}), but the layer "
+        got = {part: tuple(t.shape) for part, t in tensors.items()}
+        if d != d_in or got != shapes:
+            raise UserError(f"{self.path}: {key} holds a Gram of shape {got['gram']} ({encoding}), but the layer "
                             f"reads {d_in} features; the stats belong to another base")
-        if encoding == "tri16":
-            gram = _unpack_tri16(raw, scale, d)
-        elif encoding == "lowrank32":
-            factor = raw.to(torch.float64)
-            gram = factor.T @ factor
-        elif encoding == "tri32":
-            gram = torch.zeros(d, d, dtype=torch.float64)
-            i, j = torch.triu_indices(d, d)
-            gram[i, j] = raw.to(torch.float64)
-            gram = (gram + gram.T - torch.diag(gram.diagonal())) / max(n, 1)
-        else:
-            gram = raw.to(torch.float64) / max(n, 1)
+        gram = _decode(encoding, tensors, d, n)
         check_gram(gram, f"{self.path}: {key}")
         return gram
 

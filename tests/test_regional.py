@@ -245,3 +245,26 @@ def test_scene_bad_input(fused_three, condition_models, tmp_path, monkeypatch, c
         code, out, err = run_cli(["sample", "--config", str(config), "--out", str(case / "x.png")], monkeypatch, capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (message, err)
         assert not (case / "x.png").exists() and not (case / "x_overlay.png").exists()
+
+
+def test_packages_on_a_base_fuse_in_memory_like_mixshow_fuse(tiny_base, three_packages, fused_three, tmp_path,
+                                                              monkeypatch, capsys):
+    """`--base B --concept P1 --concept P2 --concept P3` fuses in memory with `mixshow fuse`'s defaults: the same
+    scene image as from the FUSED folder of those packages; one package is applied as trained."""
+    scene = ["--prompt", "a garden", "--region", "0,0,0.5,1:a <red-circle>", "--region", "0.5,0,1,1:a <blue-square>",
+             "--steps", "3", "--height", str(SIZE), "--width", str(SIZE), "--seed", "5"]
+    packages = [arg for p in three_packages for arg in ("--concept", str(p))]
+    code, _, err = run_cli(["sample", "--base", str(tiny_base), *packages, *scene, "--out", str(tmp_path / "a.png")],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["sample", "--model", str(fused_three["gradient"]), *scene,
+                            "--out", str(tmp_path / "b.png")], monkeypatch, capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
+    one = ["--prompt", "a <red-circle> on the grass", "--steps", "3", "--height", str(SIZE), "--width", str(SIZE)]
+    code, _, err = run_cli(["sample", "--base", str(tiny_base), "--concept", str(three_packages[0]), *one,
+                            "--out", str(tmp_path / "c.png")], monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["sample", "--base", str(tiny_base), "--concept", str(three_packages[0]), *one[:1],
+                            "a <blue-square>", *one[2:], "--out", str(tmp_path / "d.png")], monkeypatch, capsys)
+    assert code == 2 and "lacks" in err and not (tmp_path / "d.png").exists()
