@@ -38,7 +38,7 @@ PROMPTS = ("a red toy", "a blue ball", "a green cube", "a yellow house", "a whit
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--steps", type=int, nargs=2, default=(4, 12), metavar=("SHORT", "LONG"))
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
