@@ -268,3 +268,31 @@ def test_packages_on_a_base_fuse_in_memory_like_mixshow_fuse(tiny_base, three_pa
     code, _, err = run_cli(["sample", "--base", str(tiny_base), "--concept", str(three_packages[0]), *one[:1],
                             "a <blue-square>", *one[2:], "--out", str(tmp_path / "d.png")], monkeypatch, capsys)
     assert code == 2 and "lacks" in err and not (tmp_path / "d.png").exists()
+
+
+def test_several_conditions_are_summed(fused, condition_models):
+    """Two ControlNet conditions add their weighted residuals (0.5 + 0.25 = 0.75 of one at weight 1); an adapter
+    beside them feeds the UNet's intra-block residuals with its own."""
+    from shared.conditions import ConditionHook
+
+    base, encoder, _ = fused
+    image, net, adapter = (condition_models / "sketch.png", condition_models / "controlnet",
+                           condition_models / "adapter")
+
+    def load(kind, model, weight):
+        return LoadedCondition(ConditionSpec(kind, model, image, weight), base.unet, 8, SIZE, SIZE)
+
+    gen = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, base.unet.config.in_channels, SIZE // 8, SIZE // 8, generator=gen)
+    text = encoder.encode(["a photo", "a photo"])
+    span = text.shape[1]
+    with torch.no_grad():
+        _, both = ConditionHook([load("controlnet", net, 0.5), load("controlnet", net, 0.25), load("t2i-adapter",
+                                 adapter, 0.6)], span)._hook(base.unet, (sample, torch.tensor(300)),
+                                                             {"encoder_hidden_states": text})
+        one, one_mid = load("controlnet", net, 1.0).residuals(sample, torch.tensor(300), text)
+        alone, _ = load("t2i-adapter", adapter, 0.6).residuals(sample, torch.tensor(300), text)
+    for got, want in zip(both["down_block_additional_residuals"], one):
+        assert torch.allclose(got, 0.75 * want, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(both["mid_block_additional_residual"], 0.75 * one_mid, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(both["down_intrablock_additional_residuals"], alone))
