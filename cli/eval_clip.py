@@ -30,6 +30,7 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
     import json
 
     from rich.console import Console
+    from rich.progress import Progress
     from rich.table import Table
 
     from cli.models import load_scene_model
@@ -66,6 +67,9 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
             raise UserError(f"--concept {name}: the model lacks this concept (it has: "
                             f"{', '.join(sorted(records))})")
     results: dict = {"clip": str(clip), "model": str(model or fused_lora), "concepts": {}}
+    progress = Progress(*Progress.get_default_columns(), transient=True)
+    task = progress.add_task("sampling and scoring", total=len(pairs) * len(templates) * seeds)
+    progress.start()
     for name, _folder in pairs:
         class_word = records[name]["class_word"]
         ref = scorer.images(references[name])
@@ -79,10 +83,12 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
                 rows.append({"prompt": text, "class_prompt": plain, "seed": seed,
                              "text_alignment": float(scorer.text_alignment([image], plain)[0]),
                              "image_alignment": float(scorer.image_alignment([image], ref)[0])})
+                progress.advance(task)
         results["concepts"][name] = {
             "images": len(rows), "references": len(references[name]),
             "text_alignment": sum(r["text_alignment"] for r in rows) / len(rows),
             "image_alignment": sum(r["image_alignment"] for r in rows) / len(rows), "samples": rows}
+    progress.stop()
     table = Table(title=f"CLIP scores ({clip.name}; text: 2.5·max(cos, 0) vs the class-word prompt; "
                         "image: mean cosine vs references)")
     for column in ("concept", "images", "text-alignment", "image-alignment"):

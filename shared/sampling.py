@@ -57,13 +57,14 @@ def generate(base: Base, encoder: LayerwiseTextEncoder, prompts: list[str], nega
 @torch.no_grad()
 def denoise(base: Base, positive: torch.Tensor, negative: torch.Tensor, seed: int = 0, steps: int = 20,
             guidance: float = 7.5, height: int = 512, width: int = 512, scheduler: str = "dpm++",
-            output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
-    """diffusers' StableDiffusionPipeline on ready text states (one image per batch row), seeded latents."""
+            output_type: str = "pil", show_progress: bool = False) -> list[Image.Image] | torch.Tensor:
+    """diffusers' StableDiffusionPipeline on ready text states (one image per batch row), seeded latents;
+    `show_progress` shows the pipeline's own step bar."""
     pipe = StableDiffusionPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
         scheduler=make_scheduler(base, scheduler), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=not show_progress, desc="denoising")
     dtype = base.unet.dtype
     latents = initial_latents(base, positive.shape[0], height, width, seed).to(base.device, dtype)
     return pipe(prompt_embeds=positive.to(dtype), negative_prompt_embeds=negative.to(dtype), latents=latents,

@@ -167,7 +167,7 @@ def regional_processors(base: Base) -> RegionLayout:
 
 @torch.no_grad()
 def render(base: Base, encoder: LayerwiseTextEncoder, scene: Scene, expand=lambda text: text,
-           output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+           output_type: str = "pil", show_progress: bool = False) -> list[Image.Image] | torch.Tensor:
     """The scene's images. `expand` turns concept names in prompts into the model's words."""
     layout = regional_processors(base)
     batch = scene.batch
@@ -184,7 +184,7 @@ def render(base: Base, encoder: LayerwiseTextEncoder, scene: Scene, expand=lambd
     layout.set([r.box for r in scene.regions], (int(latent[0]), int(latent[1])))
     try:
         return denoise(base, positive, negative, scene.seed, scene.steps, scene.guidance, scene.height, scene.width,
-                       scene.scheduler, output_type)
+                       scene.scheduler, output_type, show_progress)
     finally:
         layout.set([], (0, 0))
         if hook is not None:
