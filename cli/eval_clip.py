@@ -38,7 +38,6 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
     from shared.clip_eval import ClipScorer, reference_images
     from shared.device import parse_device, parse_dtype
     from shared.errors import UserError
-    from shared.fused_model import read_concepts
     from shared.scene import Scene, render
 
     if model is None and (base is None or fused_lora is None):
@@ -58,10 +57,8 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
     references = {name: reference_images(folder) for name, folder in pairs}
     dev, dt = parse_device(device), parse_dtype(dtype)
     scorer = ClipScorer(clip, dev, dt)
-    pipe, encoder, expand, _ = load_scene_model(Scene(prompt="", model=model, base=base, fused_lora=fused_lora),
-                                                dev, dt, base_config)
-    known = read_concepts(model)["concepts"] if model else _concepts_of(fused_lora)
-    records = {c["name"]: c for c in known}
+    loaded = load_scene_model(Scene(prompt="", model=model, base=base, fused_lora=fused_lora), dev, dt, base_config)
+    records = {c["name"]: c for c in loaded.concepts}
     for name, _folder in pairs:  # every name checked before any sampling
         if name not in records:
             raise UserError(f"--concept {name}: the model lacks this concept (it has: "
@@ -79,7 +76,7 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
             for seed in range(seeds):
                 scene = Scene(prompt=text, seed=seed, steps=steps, guidance=guidance, height=size, width=size,
                               scheduler=scheduler)
-                image = render(pipe, encoder, scene, expand)[0]
+                image = render(loaded.base, loaded.encoder, scene, loaded.expand)[0]
                 rows.append({"prompt": text, "class_prompt": plain, "seed": seed,
                              "text_alignment": float(scorer.text_alignment([image], plain)[0]),
                              "image_alignment": float(scorer.image_alignment([image], ref)[0])})
@@ -100,12 +97,3 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
         write_bytes_atomic(json_out, json.dumps(results, indent=2).encode())
         Console().print(f"wrote {json_out}")
 
-
-def _concepts_of(fused_lora: Path) -> list[dict]:
-    """The concept records in a fused_lora.safetensors' metadata."""
-    import json
-
-    from safetensors import safe_open
-
-    with safe_open(str(fused_lora), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("concepts", "{}")).get("concepts", [])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,20 +15,37 @@ import torch
 from shared.errors import UserError
 
 
+@dataclass
+class SceneModel:
+    """A loaded model: the pipeline parts, the concept records prompts may name, and how they are expanded."""
+
+    base: object
+    encoder: object
+    concepts: list[dict]
+    expand: Callable[[str], str]
+    scale: contextlib.AbstractContextManager | None = None  # the LoRA-scale context of one applied package
+
+
+def fused(base, encoder, concepts: list[dict]) -> SceneModel:
+    """A model whose concepts are addressed `<name>` (a fused folder or fused_lora, or a bare base)."""
+    from shared.fused_model import expand_prompt
+
+    return SceneModel(base, encoder, concepts, lambda text: expand_prompt(text, concepts))
+
+
 def load_scene_model(scene, device: torch.device, dtype: torch.dtype, base_config: Path | None = None,
-                     lora_weight: float = 1.0):
-    """(base, encoder, expand, LoRA-scale context or None) for `scene`'s model fields."""
+                     lora_weight: float = 1.0) -> SceneModel:
+    """The model `scene`'s model fields name."""
     from shared.base import load_base
     from shared.edlora import LayerwiseTextEncoder, TokenMap, cross_attention_layers, install_layer_processors
-    from shared.fused_model import apply_fused_lora, expand_prompt, load_fused
+    from shared.fused_model import apply_fused_lora, load_fused
     from shared.lora import lora_scale
     from shared.package import apply_concept
 
     if scene.model is not None:
         if scene.base is not None or scene.fused_lora is not None or scene.concepts:
             raise UserError("give a fused --model alone, or --base with --fused-lora or --concept")
-        base, encoder, concepts = load_fused(scene.model, device, dtype)
-        return base, encoder, lambda text: expand_prompt(text, concepts), None
+        return fused(*load_fused(scene.model, device, dtype))
     if scene.base is None:
         raise UserError("name a model: --model FUSED, or --base BASE (with --concept PKG... or --fused-lora FILE)")
     if scene.fused_lora is not None and scene.concepts:
@@ -35,16 +54,14 @@ def load_scene_model(scene, device: torch.device, dtype: torch.dtype, base_confi
         return fuse_in_memory(scene, device, dtype, base_config)
     base = load_base(scene.base, device, dtype, base_config)
     if scene.fused_lora is not None:
-        encoder, concepts = apply_fused_lora(base, scene.fused_lora)
-        return base, encoder, lambda text: expand_prompt(text, concepts), None
+        return fused(base, *apply_fused_lora(base, scene.fused_lora))
     if scene.concepts:
         meta, encoder = apply_concept(base, scene.concepts[0])
-        scale = lora_scale([base.unet, base.text_encoder], lora_weight)
-        return base, encoder, single_concept_expander(meta), scale
+        return SceneModel(base, encoder, [{"name": meta.name, "class_word": meta.class_word}],
+                          single_concept_expander(meta), lora_scale([base.unet, base.text_encoder], lora_weight))
     n_layers = len(cross_attention_layers(base.unet))
     install_layer_processors(base.unet, base.tokenizer.model_max_length)
-    encoder = LayerwiseTextEncoder(base.tokenizer, base.text_encoder, TokenMap(n_layers))
-    return base, encoder, lambda text: expand_prompt(text, []), None
+    return fused(base, LayerwiseTextEncoder(base.tokenizer, base.text_encoder, TokenMap(n_layers)), [])
 
 
 def single_concept_expander(meta):
@@ -61,13 +78,12 @@ def single_concept_expander(meta):
     return expand
 
 
-def fuse_in_memory(scene, device: torch.device, dtype: torch.dtype, base_config: Path | None):
+def fuse_in_memory(scene, device: torch.device, dtype: torch.dtype, base_config: Path | None) -> SceneModel:
     """Several packages on a base: gradient fusion (the defaults of `mixshow fuse`) into a temporary folder."""
     from server.fuse import fuse
-    from shared.fused_model import expand_prompt, load_fused
+    from shared.fused_model import load_fused
 
-    with contextlib.ExitStack() as stack:
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mixshow-scene-"))) / "fused"
+    with tempfile.TemporaryDirectory(prefix="mixshow-scene-") as tmp:
+        folder = Path(tmp) / "fused"
         fuse(scene.base, list(scene.concepts), folder, device=device, base_config=base_config, show_progress=False)
-        base, encoder, concepts = load_fused(folder, device, dtype)  # every weight is read into memory here
-    return base, encoder, lambda text: expand_prompt(text, concepts), None
+        return fused(*load_fused(folder, device, dtype))  # every weight is read into memory here

@@ -68,10 +68,10 @@ def run(config: Path = typer.Option(None, "--config", help="a scene YAML (docs/s
             setattr(scene, key, value)
     if concept:
         scene.concepts = list(concept)
-    pipe, encoder, expand, scale = load_scene_model(scene, parse_device(device), parse_dtype(dtype), base_config,
-                                                    lora_weight)
-    with scale or contextlib.nullcontext():
-        images = render(pipe, encoder, scene, expand, show_progress=True)
+    loaded = load_scene_model(scene, parse_device(device), parse_dtype(dtype), base_config, lora_weight)
+    expand = loaded.expand
+    with loaded.scale or contextlib.nullcontext():
+        images = render(loaded.base, loaded.encoder, scene, expand, show_progress=True)
     names = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}.png") for i in range(len(images))]
     for path, image in zip(names, images):
         write_image_atomic(path, image)

@@ -192,8 +192,7 @@ class Fusion:
             if S is None:
                 raise UserError(f"no concept has statistics for {site_key}; run `mixshow stats` on every package")
             lam = absolute_lam(S, self.lam)
-            n_rows = sum(x.shape[0] for x in rows.values()) + (0 if extra is None else extra.shape[0]) if rows else 0
-            if not rows or not self.row_form or n_rows >= S.shape[0]:
+            if not (self.row_form and rows and self.rows_below_width(rows, extra, S.shape[0])):
                 rows, factor = None, regularised_cholesky(S, lam)
         for module in modules:
             qual = f"{model_name}.{module}"
@@ -222,6 +221,11 @@ class Fusion:
             layer = model.get_submodule(module)
             with torch.no_grad():
                 layer.weight.copy_(apply_lowrank(layer.weight, up32, down32))
+
+    @staticmethod
+    def rows_below_width(rows: dict[str, torch.Tensor], extra: torch.Tensor | None, width: int) -> bool:
+        """Whether all text rows together (preservation rows included) are fewer than the layer's width."""
+        return sum(x.shape[0] for x in rows.values()) + (0 if extra is None else extra.shape[0]) < width
 
     @torch.no_grad()
     def solve_text_side(self, progress: Progress) -> None:

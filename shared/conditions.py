@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
 from PIL import Image, UnidentifiedImageError
@@ -57,7 +58,7 @@ def read_condition_image(path: Path, height: int, width: int, channels: int = 3)
             picture = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise UserError(f"condition image {path} cannot be read as an image ({exc}); give a PNG or JPEG") from exc
-    data = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(height, width, channels)
+    data = torch.from_numpy(np.asarray(picture).copy()).reshape(height, width, channels)
     return (data.permute(2, 0, 1).float() / 255.0)[None]
 
 
@@ -102,11 +103,11 @@ class LoadedCondition:
                 raise UserError(f"T2I-Adapter {spec.model} gives features (channels, h, w) {got}, but this UNet's "
                                 f"levels are {expected}: use an adapter trained for this base (its channels and "
                                 "downscale factor must fit the UNet and VAE)")
+            self.features = [self._weighted(f) for f in self.features]  # fixed over the steps: weighted once
         else:
-            channels = int(self.model.config.conditioning_channels)
-            self.image = read_condition_image(spec.image, height, width, channels if channels == 1 else 3)
-            self.image = self.image.to(device, dtype)
             self._check_controlnet(unet, vae_factor)
+            channels = int(self.model.config.conditioning_channels)
+            self.image = read_condition_image(spec.image, height, width, channels).to(device, dtype)
 
     def _check_controlnet(self, unet: UNet2DConditionModel, vae_factor: int) -> None:
         cfg = self.model.config
@@ -139,8 +140,7 @@ class LoadedCondition:
         """Weighted residuals for a batch: (down, mid) for a ControlNet, (intrablock, None) for an adapter."""
         batch = sample.shape[0]
         if isinstance(self.model, T2IAdapter):
-            down = [f.expand(batch, *f.shape[1:]) for f in self.features]
-            return [self._weighted(f) for f in down], None
+            return [f.expand(batch, *f.shape[1:]) for f in self.features], None
         image = self.image.expand(batch, *self.image.shape[1:])
         down, mid = self.model(sample, timestep, encoder_hidden_states=text, controlnet_cond=image,
                                conditioning_scale=1.0, return_dict=False)

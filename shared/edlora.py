@@ -213,13 +213,15 @@ class LayerSliceProcessor(AttnProcessor2_0):
         return out / attn.rescale_output_factor
 
 
-def install_layer_processors(unet: UNet2DConditionModel, length: int) -> list[LayerSliceProcessor]:
-    """Give every cross-attention layer its slice processor; self-attention keeps SDPA."""
+def install_layer_processors(unet: UNet2DConditionModel, length: int,
+                             make=LayerSliceProcessor) -> list[LayerSliceProcessor]:
+    """Give every cross-attention layer its slice processor, `make(index, n_layers, length)`; self-attention
+    keeps SDPA."""
     layers = cross_attention_layers(unet)
     procs = dict(unet.attn_processors)
     made = []
     for k, layer in enumerate(layers):
-        made.append(LayerSliceProcessor(k, len(layers), length))
+        made.append(make(k, len(layers), length))
         procs[f"{layer}.processor"] = made[-1]
     unet.set_attn_processor(procs)
     return made

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from shared.edlora import LayerSliceProcessor, cross_attention_layers
+from shared.edlora import LayerSliceProcessor, install_layer_processors, take_layer
 from shared.errors import UserError
 
 
@@ -114,7 +114,7 @@ class RegionalProcessor(LayerSliceProcessor):
             raise ValueError(f"regional text states have {encoder_hidden_states.shape[1]} positions, expected "
                              f"{regions + 1} x {span}")
         chunks = encoder_hidden_states.split(span, dim=1)
-        sliced = [chunk[:, self.index * self.length:(self.index + 1) * self.length] for chunk in chunks]
+        sliced = [take_layer(chunk, self.index, self.n_layers, self.length) for chunk in chunks]
         out = AttnProcessor2_0.__call__(self, attn, hidden_states, sliced[0], attention_mask, temb)
         total = torch.zeros_like(out)
         count = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
@@ -129,11 +129,4 @@ class RegionalProcessor(LayerSliceProcessor):
 
 def install_regional_processors(unet, length: int, layout: RegionLayout) -> list[RegionalProcessor]:
     """Give every cross-attention layer a regional processor reading `layout`; self-attention keeps SDPA."""
-    layers = cross_attention_layers(unet)
-    procs = dict(unet.attn_processors)
-    made = []
-    for k, layer in enumerate(layers):
-        made.append(RegionalProcessor(k, len(layers), length, layout))
-        procs[f"{layer}.processor"] = made[-1]
-    unet.set_attn_processor(procs)
-    return made
+    return install_layer_processors(unet, length, lambda k, n, length: RegionalProcessor(k, n, length, layout))

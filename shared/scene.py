@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from shared.base import Base
 from shared.conditions import KINDS, ConditionHook, ConditionSpec, LoadedCondition
-from shared.edlora import LayerwiseTextEncoder, cross_attention_layers
+from shared.edlora import LayerwiseTextEncoder
 from shared.errors import UserError
 from shared.regional import Box, RegionalProcessor, RegionLayout, install_regional_processors
 from shared.sampling import SCHEDULERS, denoise, latent_shape
@@ -84,21 +84,21 @@ def _path(value, relative_to: Path) -> Path:
     return path if path.is_absolute() else relative_to / path
 
 
-def scene_from_dict(data: dict, where: str, relative_to: Path = Path(".")) -> Scene:
-    """A Scene from parsed YAML; relative paths are taken from the YAML file's folder."""
-    data = _check_keys(data, SCENE_KEYS, where)
-    if not isinstance(data.get("prompt"), str):
-        raise UserError(f"{where}: 'prompt' (the global prompt, a string) is required")
+def _regions(items, where: str) -> list[Region]:
     regions = []
-    for i, item in enumerate(data.get("regions") or []):
+    for i, item in enumerate(items or []):
         here = f"{where}: regions[{i}]"
         item = _check_keys(item, REGION_KEYS, here)
         if not isinstance(item.get("prompt"), str) or "box" not in item:
             raise UserError(f"{here} needs a 'prompt' and a 'box' [top, left, bottom, right]")
         regions.append(Region(item["prompt"], Box.parse(item["box"], f"{here}.box"),
                               _text(item.get("negative"), f"{here}.negative")))
+    return regions
+
+
+def _conditions(items, where: str, relative_to: Path) -> list[ConditionSpec]:
     conditions = []
-    for i, item in enumerate(data.get("conditions") or []):
+    for i, item in enumerate(items or []):
         here = f"{where}: conditions[{i}]"
         item = _check_keys(item, CONDITION_KEYS, here)
         missing = [k for k in ("type", "model", "image") if k not in item]
@@ -114,6 +114,16 @@ def scene_from_dict(data: dict, where: str, relative_to: Path = Path(".")) -> Sc
         conditions.append(ConditionSpec(item["type"], _path(item["model"], relative_to),
                                         _path(item["image"], relative_to),
                                         _number(item.get("weight", 1.0), float, f"{here}.weight"), boxes))
+    return conditions
+
+
+def scene_from_dict(data: dict, where: str, relative_to: Path = Path(".")) -> Scene:
+    """A Scene from parsed YAML; relative paths are taken from the YAML file's folder."""
+    data = _check_keys(data, SCENE_KEYS, where)
+    if not isinstance(data.get("prompt"), str):
+        raise UserError(f"{where}: 'prompt' (the global prompt, a string) is required")
+    regions = _regions(data.get("regions"), where)
+    conditions = _conditions(data.get("conditions"), where, relative_to)
     concepts = data.get("concepts") or []
     if isinstance(concepts, str):
         concepts = [concepts]
@@ -179,7 +189,7 @@ def render(base: Base, encoder: LayerwiseTextEncoder, scene: Scene, expand=lambd
     factor = scene.height // latent[0]
     conditions = [LoadedCondition(spec, base.unet, factor, scene.height, scene.width, base.tokenizer.model_max_length)
                   for spec in scene.conditions]
-    span = len(cross_attention_layers(base.unet)) * base.tokenizer.model_max_length
+    span = positive.shape[1] // len(texts)  # one prompt's layer-wise states: the global prompt's slot
     hook = ConditionHook(conditions, span).attach(base.unet) if conditions else None
     layout.set([r.box for r in scene.regions], (int(latent[0]), int(latent[1])))
     try:

@@ -32,6 +32,7 @@ Reading validates shape, finiteness, symmetry and positive semi-definiteness.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -142,27 +143,33 @@ def _shapes(encoding: str, d: int, rows: int) -> dict[str, tuple[int, ...]]:
             "lowrank32": {"gram": (min(max(rows, 1), d), d)}}.get(encoding, {})
 
 
+_ITEM_BYTES = {"full32": 4, "full64": 8, "tri32": 4, "tri24": 2, "tri16": 2, "lowrank32": 4,  # the "gram" part
+               "low": 1, "scale": 4, "delta": 8}
+
+
 def _bytes(encoding: str, rows: int, d: int) -> int:
-    triangle = d * (d + 1) // 2
-    return {"lowrank32": 4 * min(rows, d) * d, "tri16": 2 * triangle + 4 * d, "tri24": 3 * triangle + 4 * d,
-            "tri32": 4 * triangle}[encoding]
+    """Bytes of the tensors an encoding stores for one d x d Gram of `rows` rows."""
+    return sum(math.prod(shape) * _ITEM_BYTES[encoding if part == "gram" else part]
+               for part, shape in _shapes(encoding, d, rows).items())
 
 
-def _compact_choice(normalised: torch.Tensor, rows: int) -> str:
-    """The smallest encoding whose Ĝ (Ĝ + λI)⁻¹ stays within COMPACT_TOLERANCE of the float64 Gram's
-    (if none does, the most faithful one)."""
+def _compact_choice(gram: torch.Tensor, rows: int) -> tuple[str, dict[str, torch.Tensor]]:
+    """(encoding, its tensors): the smallest encoding whose Ĝ (Ĝ + λI)⁻¹ stays within COMPACT_TOLERANCE of
+    the float64 Gram's (if none does, the most faithful one)."""
     from shared.fusion import projection
 
-    d = normalised.shape[0]
-    target = projection(normalised)
-    errors = {}
-    gram = normalised * max(rows, 1)
+    d = gram.shape[0]
+    target = projection(gram / max(rows, 1))
+    tried = {}
     for encoding in sorted(COMPACT_CANDIDATES, key=lambda e: _bytes(e, rows, d)):
-        approx = _decode(encoding, _encode(encoding, gram, rows), d, rows)
-        errors[encoding] = float((projection(approx) - target).norm() / target.norm().clamp(min=1e-30))
-        if errors[encoding] <= COMPACT_TOLERANCE:
-            return encoding
-    return min(errors, key=errors.get)
+        tensors = _encode(encoding, gram, rows)
+        moved = projection(_decode(encoding, tensors, d, rows)) - target
+        error = float(moved.norm() / target.norm().clamp(min=1e-30))
+        if error <= COMPACT_TOLERANCE:
+            return encoding, tensors
+        tried[encoding] = (error, tensors)
+    best = min(tried, key=lambda e: tried[e][0])
+    return best, tried[best][1]
 
 
 def write_stats(path: Path, grams: dict[str, torch.Tensor], rows: dict[str, int], aliases: dict[str, str],
@@ -172,13 +179,14 @@ def write_stats(path: Path, grams: dict[str, torch.Tensor], rows: dict[str, int]
         raise UserError(f"--pack {packing!r} is not one of {', '.join(PACKINGS)}")
     tensors, meta = {}, {}
     for key, gram in grams.items():
-        d = gram.shape[0]
-        normalised = gram.to(torch.float64) / max(rows[key], 1)
-        encoding = _compact_choice(normalised, rows[key]) if packing == "compact" else packing
-        for part, tensor in _encode(encoding, gram.to(torch.float64), rows[key]).items():
-            tensors[part_key(part, key)] = tensor
+        gram = gram.to(torch.float64)
+        if packing == "compact":
+            encoding, parts = _compact_choice(gram, rows[key])
+        else:
+            encoding, parts = packing, _encode(packing, gram, rows[key])
+        tensors.update({part_key(part, key): tensor for part, tensor in parts.items()})
         if packing != "full32":
-            meta.update({f"pack.{key}": encoding, f"dim.{key}": str(d)})
+            meta.update({f"pack.{key}": encoding, f"dim.{key}": str(gram.shape[0])})
     meta.update({f"rows.{k}": str(n) for k, n in rows.items()})
     meta.update({f"alias.{m}": k for m, k in aliases.items()})
     meta.update({"format": "mixshow-stats", "packing": packing, "info": json.dumps(info)})

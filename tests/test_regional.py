@@ -140,8 +140,9 @@ def test_no_regions_is_the_plain_pipeline_bitwise(tiny_base):
     from cli.models import load_scene_model
 
     scene = _scene(base=tiny_base)
-    base, encoder, expand, _ = load_scene_model(scene, torch.device("cpu"), torch.float32)
-    ours = render(base, encoder, scene, expand, output_type="np")
+    loaded = load_scene_model(scene, torch.device("cpu"), torch.float32)
+    base = loaded.base
+    ours = render(base, loaded.encoder, scene, loaded.expand, output_type="np")
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None, requires_safety_checker=False,
                                                    local_files_only=True)
     from shared.sampling import make_scheduler
