@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from fixtures.tiny_base import make_tiny_base  # noqa: E402
+from sample.regional import Box  # noqa: E402
+from sample.scene import Region, Scene, regional_processors, render  # noqa: E402
 from shared.base import load_base  # noqa: E402
 from shared.edlora import LayerwiseTextEncoder, TokenMap, cross_attention_layers  # noqa: E402
-from shared.regional import Box  # noqa: E402
-from shared.scene import Region, Scene, regional_processors, render  # noqa: E402
-from shared.tiny_base import make_tiny_base  # noqa: E402
 
 GOAL = 1.5
 BOXES = (Box(0.0, 0.0, 0.5, 0.5), Box(0.0, 0.5, 0.5, 1.0), Box(0.5, 0.0, 1.0, 0.5), Box(0.5, 0.5, 1.0, 1.0),

@@ -29,10 +29,10 @@ import torch.nn.functional as F  # noqa: E402
 from client.config import TrainConfig  # noqa: E402
 from client.dataset import load_examples  # noqa: E402
 from client.train import Trainer, prepare_concept  # noqa: E402
+from fixtures.tiny_base import make_tiny_base  # noqa: E402
+from fixtures.toy_concepts import make_toy_concepts  # noqa: E402
 from shared.base import load_base  # noqa: E402
 from shared.lora import UNET_TARGETS, add_lora, lora_parameters, target_modules  # noqa: E402
-from shared.tiny_base import make_tiny_base  # noqa: E402
-from shared.toy_concepts import make_toy_concepts  # noqa: E402
 
 
 class PlainLoRA:

@@ -18,18 +18,18 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
 
     from rich.console import Console
 
-    from server.demo import run_demo_round
+    from cli.simulation import run_demo_round
+    from fixtures.tiny_base import make_tiny_base
+    from fixtures.toy_concepts import make_toy_concepts
+    from sample.regional import Box
+    from sample.scene import Region, Scene, overlay, render
     from server.report import table_of
     from server.round import RoundSettings
     from shared.atomic import check_fresh_output
     from shared.checkpoints import pull
     from shared.fused_model import expand_prompt, load_fused
-    from shared.regional import Box
     from shared.sampling import generate, image_grid
-    from shared.scene import Region, Scene, overlay, render
     from shared.storage import open_store
-    from shared.tiny_base import make_tiny_base
-    from shared.toy_concepts import make_toy_concepts
 
     console = Console()
     start = time.time()

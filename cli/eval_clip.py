@@ -33,12 +33,12 @@ def run(clip: Path = typer.Option(..., "--clip", help="a local transformers CLIP
     from rich.progress import Progress
     from rich.table import Table
 
-    from cli.models import load_scene_model
+    from sample.clip_eval import ClipScorer, reference_images
+    from sample.models import load_scene_model
+    from sample.scene import Scene, render
     from shared.atomic import write_bytes_atomic
-    from shared.clip_eval import ClipScorer, reference_images
     from shared.device import parse_device, parse_dtype
     from shared.errors import UserError
-    from shared.scene import Scene, render
 
     if model is None and (base is None or fused_lora is None):
         raise UserError("give the model to score: --model FUSED, or --base BASE with --fused-lora FILE")

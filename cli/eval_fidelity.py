@@ -18,8 +18,8 @@ def run(model: list[Path] = typer.Option(..., "--model", help="a FUSED folder (r
     from rich.console import Console
     from rich.table import Table
 
+    from sample.evaluation import fidelity
     from shared.device import parse_device, parse_dtype
-    from shared.evaluation import fidelity
     from shared.fused_model import read_concepts
 
     results = fidelity(model, concept, base, parse_device(device), parse_dtype(dtype), seed)

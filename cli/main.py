@@ -8,8 +8,10 @@ import sys
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import click  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 from cli import (  # noqa: E402
     demo,
@@ -27,7 +29,7 @@ from cli import (  # noqa: E402
     stats,
     train,
 )
-from shared.errors import UserError  # noqa: E402
+from shared.errors import InvalidArgument, UserError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated multi-concept customization of Stable Diffusion (Mix-of-Show).")
@@ -40,18 +42,39 @@ for module in (eval_fidelity, eval_clip):
     evaluate.command(module.NAME, help=module.run.__doc__)(module.run)
 app.add_typer(evaluate, name="eval")
 
-err = Console(stderr=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+FLAGS = {"from_dir": "--from", "lora_weight": "--lora-scale", "json_out": "--json", "packing": "--pack",
+         "kv_rows": "--kv-rows", "base_config": "--base-config", "class_word": "--class-word"}
 
 
-def main() -> None:
-    """Entry point: run the app, turning UserError into one red line and exit code 2."""
+def flag(argument: str) -> str:
+    """The command-line flag of a library argument."""
+    return FLAGS.get(argument, "--" + argument.replace("_", "-"))
+
+
+def message(exc: UserError) -> str:
+    text = f"{flag(exc.argument)}: {exc.message}" if isinstance(exc, InvalidArgument) else str(exc)
+    return " ".join(text.splitlines())
+
+
+def fail(text: str, code: int = 2) -> None:
+    """One line on stderr, printed literally (no markup is interpreted in `text`), then exit."""
+    err.print(Text.assemble(("error:", "bold red"), " ", text))
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; a UserError or a usage error is one `error:` line and exit code 2."""
     try:
-        app()
+        app(args=argv, standalone_mode=False)
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
+        fail(message(exc))
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message())
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print(Text("interrupted: rerun the same command to resume from the last checkpoint", style="yellow"))
         sys.exit(130)
 
 

@@ -12,8 +12,8 @@ def run(out: Path = typer.Argument(..., help="folder to create"),
     """Write a tiny SD-1.x-shaped diffusers base folder built from config (for tests and the demo)."""
     from rich import print
 
+    from fixtures.tiny_base import make_tiny_base
     from shared.base import load_base
-    from shared.tiny_base import make_tiny_base
 
     make_tiny_base(out, seed=seed)
     print(f"tiny base written to {out} (fingerprint {load_base(out).fingerprint[:16]})")

@@ -15,7 +15,7 @@ def run(out: Path = typer.Argument(..., help="folder to create"),
     """Write N visibly distinct toy concept folders (image + <TOK> caption + mask) and concepts.json."""
     from rich import print
 
-    from shared.toy_concepts import make_toy_concepts
+    from fixtures.toy_concepts import make_toy_concepts
 
     for c in make_toy_concepts(out, n, images, size, seed):
         print(f"{out / c['folder']}: {c['colour']} {c['texture']} {c['shape']}  words {' '.join(c['words'])}  "

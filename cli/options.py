@@ -14,9 +14,19 @@ BaseConfig = typer.Option(None, "--base-config", help="for a single-file --base:
 Seed = typer.Option(0, "--seed", help="random seed")
 
 
+def package_fuser(device, base_config: Path | None):
+    """How sampling fuses several --concept packages: the server's fusion with its defaults."""
+
+    def fuse_packages(base: Path, packages: list[Path], out: Path) -> None:
+        from server.fuse import fuse
+
+        fuse(base, packages, out, device=device, base_config=base_config, show_progress=False)
+    return fuse_packages
+
+
 def words_list(words: str) -> list[str]:
     """'<w1> <w2>' -> ['<w1>', '<w2>']."""
     return words.split()
 
 
-__all__ = ["Base", "BaseConfig", "Device", "Dtype", "Path", "Seed", "words_list"]
+__all__ = ["Base", "BaseConfig", "Device", "Dtype", "Path", "Seed", "package_fuser", "words_list"]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from cli.options import BaseConfig, Device, Dtype
+from cli.options import BaseConfig, Device, Dtype, package_fuser
 
 NAME = "sample"
 
@@ -40,11 +40,11 @@ def run(config: Path = typer.Option(None, "--config", help="a scene YAML (docs/s
 
     from rich import print
 
-    from cli.models import load_scene_model
+    from sample.models import load_scene_model
+    from sample.scene import overlay, read_scene, render, scene_from_dict
     from shared.atomic import write_image_atomic
     from shared.device import parse_device, parse_dtype
     from shared.errors import UserError
-    from shared.scene import overlay, read_scene, render, scene_from_dict
 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must end in .png")
@@ -68,7 +68,8 @@ def run(config: Path = typer.Option(None, "--config", help="a scene YAML (docs/s
             setattr(scene, key, value)
     if concept:
         scene.concepts = list(concept)
-    loaded = load_scene_model(scene, parse_device(device), parse_dtype(dtype), base_config, lora_weight)
+    dev = parse_device(device)
+    loaded = load_scene_model(scene, dev, parse_dtype(dtype), base_config, lora_weight, package_fuser(dev, base_config))
     expand = loaded.expand
     with loaded.scale or contextlib.nullcontext():
         images = render(loaded.base, loaded.encoder, scene, expand, show_progress=True)

@@ -6,11 +6,11 @@ import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from client.round import NodeSettings, take_part  # noqa: E402
-from protos import mixshow_pb2 as pb  # noqa: E402
+from shared.round_messages import manifest_reply, read_round_config  # noqa: E402
 
 
 def node_settings(context: Context) -> NodeSettings:
@@ -19,9 +19,7 @@ def node_settings(context: Context) -> NodeSettings:
 
 
 def handle(msg: Message, context: Context) -> Message:
-    config = pb.RoundConfig.FromString(bytes(msg.content["round"]["config"]))
-    manifest = take_part(config, node_settings(context))
-    return Message(RecordDict({"manifest": ConfigRecord({"pb": manifest.SerializeToString()})}), reply_to=msg)
+    return manifest_reply(take_part(read_round_config(msg), node_settings(context)), msg)
 
 
 app = ClientApp()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 PLACEHOLDER = "<TOK>"
@@ -38,11 +38,11 @@ def _open(path: Path, mode: str) -> Image.Image:
 def list_images(folder: Path) -> list[Path]:
     """Concept images in `folder` (masks excluded), sorted."""
     if not folder.is_dir():
-        raise UserError(f"--data {folder} is not a folder")
+        raise InvalidArgument("data", f"{folder} is not a folder")
     images = sorted(p for p in folder.iterdir()
                     if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask"))
     if not images:
-        raise UserError(f"--data {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+        raise InvalidArgument("data", f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                         "add 5-20 pictures of the concept with captions")
     return images
 

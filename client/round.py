@@ -12,16 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import load_config
-from client.stats import STATS_FILE, compute_stats
+from client.stats import compute_stats
 from client.train import train_concept
 from protos import mixshow_pb2 as pb
 from shared.base import load_base
 from shared.device import parse_device, parse_dtype
 from shared.errors import UserError
-from shared.package import META_FILE, WEIGHTS_FILE, read_package
+from shared.package import META_FILE, PACKAGE_FILES, read_package
+from shared.stats_file import STATS_FILE
 from shared.storage import open_store, sha256_file
-
-FILES = (META_FILE, WEIGHTS_FILE, STATS_FILE)
 
 
 @dataclass
@@ -76,7 +75,7 @@ def package_for(config: pb.RoundConfig, node: NodeSettings) -> tuple[Path, bool]
 def upload(config: pb.RoundConfig, pkg: Path) -> list[pb.FileEntry]:
     """Send the package files where the round says; return their entries (key, size, sha256)."""
     entries = []
-    for name in FILES:
+    for name in PACKAGE_FILES:
         path = pkg / name
         key = f"{config.prefix}{name}"
         if config.upload_urls:

@@ -17,13 +17,12 @@ from rich.progress import Progress
 
 from client.dataset import augment, expand_caption, load_examples
 from shared.base import Base
-from shared.errors import UserError
+from shared.errors import InvalidArgument
 from shared.grams import GramRecorder, group_sites, is_text_side
-from shared.package import ConceptMeta, apply_concept
+from shared.package import WEIGHTS_FILE, ConceptMeta, apply_concept
 from shared.sampling import generate
-from shared.stats_file import DEFAULT_PACKING, gram_key, write_stats
-
-STATS_FILE = "stats.safetensors"
+from shared.stats_file import DEFAULT_PACKING, STATS_FILE, gram_key, write_stats
+from shared.storage import sha256_file
 
 
 def client_sites(meta: ConceptMeta) -> dict[str, dict[str, list[str]]]:
@@ -38,9 +37,9 @@ def compute_stats(base: Base, package: Path, source: str = "sample", samples: in
                   show_progress: bool = True) -> Path:
     """Record the package's Grams on `base` and write PKG/stats.safetensors; return its path."""
     if source not in ("sample", "train"):
-        raise UserError(f"--source {source!r} must be 'sample' or 'train'")
+        raise InvalidArgument("source", f"{source!r} must be 'sample' or 'train'")
     if source == "train" and data is None:
-        raise UserError("--source train needs --data DIR: the concept's training images")
+        raise InvalidArgument("data", "source 'train' needs the concept's training images folder")
     meta, encoder = apply_concept(base, package)
     sites = client_sites(meta)
     prompts = meta.prompts()
@@ -65,7 +64,8 @@ def compute_stats(base: Base, package: Path, source: str = "sample", samples: in
 
     path = Path(package) / STATS_FILE
     info = {"source": source, "samples": samples, "steps": steps, "seed": seed, "resolution": resolution,
-            "base_fingerprint": base.fingerprint, "prompts": prompts}
+            "base_fingerprint": base.fingerprint, "prompts": prompts,
+            "weights_sha256": sha256_file(Path(package) / WEIGHTS_FILE)}
     write_stats(path, grams, rows, aliases, info, packing)
     return path
 

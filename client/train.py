@@ -33,7 +33,7 @@ from shared.edlora import (
     install_layer_processors,
     layer_token_names,
 )
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
 from shared.lora import add_lora, export_lora, lora_parameters, lora_scale, target_modules
 from shared.package import ConceptMeta, save_package
 from shared.sampling import generate, image_grid
@@ -248,12 +248,12 @@ def train_concept(base_path: Path, data: Path, words: list[str], class_word: str
     A crash or Ctrl-C leaves a checkpoint in `<out>.work/`; the same call resumes from it.
     """
     out = Path(out)
-    check_fresh_output(out, "--out package")
+    check_fresh_output(out, "out")
     examples = load_examples(Path(data))
     if cfg.mixed_precision == "fp16" and torch.device(device).type != "cuda":
-        raise UserError("mixed_precision fp16 needs --device cuda; use bf16 or no on the CPU")
+        raise InvalidArgument("mixed_precision", "fp16 needs a CUDA device; use bf16 or no on the CPU")
     if dtype != torch.float32 and cfg.mixed_precision == "no":
-        raise UserError("a half-precision --dtype needs mixed_precision fp16 or bf16 for training")
+        raise InvalidArgument("dtype", "a half-precision dtype needs mixed_precision fp16 or bf16 for training")
     base = load_base(base_path, device, dtype, base_config)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     concept = prepare_concept(base, words, class_word, cfg, name or out.name, gen)

@@ -30,27 +30,17 @@ from shared.edlora import (
     cross_attention_layers,
     layer_token_names,
 )
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
 from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, qualified, read_concepts
-from shared.fusion import (
-    DEFAULT_LAM,
-    absolute_lam,
-    apply_lowrank,
-    fused_lora,
-    fused_lora_rows,
-    naive_lora,
-    regularised_cholesky,
-)
+from shared.fusion import DEFAULT_LAM, METHODS, Term, apply_lowrank, fuse_site
 from shared.grams import GramRecorder, group_sites, is_text_side, site_of
-from shared.package import META_FILE, WEIGHTS_FILE, ConceptMeta, read_package
+from shared.package import META_FILE, PACKAGE_FILES, WEIGHTS_FILE, ConceptMeta, check_against_base, read_package
 from shared.sampling import generate
-from shared.stats_file import Stats
+from shared.stats_file import STATS_FILE, Stats
 from shared.storage import sha256_file
 
-METHODS = ("gradient", "average", "sum")
 GENERIC_PROMPTS = ("a photo of a dog", "a painting of a house", "a red car on the road", "a man in a room",
                    "a woman on the beach", "a cat on the grass", "a city street at night", "a tree in the snow")
-STATS_NAME = "stats.safetensors"
 KV_ROWS = ("all", "concept")
 
 
@@ -66,35 +56,24 @@ class Source:
 
 
 def read_source(path: Path, base: Base, need_stats: bool) -> Source:
-    """Read and check a package against the base: fingerprint, name, LoRA shapes, stats file."""
+    """Read and check a package against the base: format, fingerprint, name, LoRA shapes, and its stats
+    file, which must have been recorded on this base for exactly this package's weights."""
+    path = Path(path)
     meta, tensors = read_package(path)
-    if meta.base_fingerprint != base.fingerprint:
-        raise UserError(f"package {path} was trained on base {meta.base_fingerprint[:12]}, but the fusion base "
-                        f"{base.source} is {base.fingerprint[:12]}: it belongs to another base")
+    check_against_base(meta, tensors, base, path)
     if not NAME_PATTERN.match(meta.name):
         raise UserError(f"package {path} is named {meta.name!r}: fused concepts need lower-case names of letters, "
                         "digits, '-' and '_'")
-    for model_name, model, modules in (("text_encoder", base.text_encoder, meta.text_modules),
-                                       ("unet", base.unet, meta.unet_modules)):
-        for module in modules:
-            try:
-                weight = model.get_submodule(module).weight
-            except AttributeError:
-                raise UserError(f"package {path}: the base has no layer {model_name}.{module}") from None
-            A = tensors.get(f"{model_name}.{module}.lora_A.weight")
-            B = tensors.get(f"{model_name}.{module}.lora_B.weight")
-            if A is None or B is None or A.shape != (meta.rank, weight.shape[1]) or B.shape != (weight.shape[0],
-                                                                                                  meta.rank):
-                got = None if A is None or B is None else (tuple(B.shape), tuple(A.shape))
-                raise UserError(f"package {path}: LoRA of {model_name}.{module} has shapes (B, A) = {got}, the base "
-                                f"layer is {tuple(weight.shape)} with rank {meta.rank}")
-    has_stats = (Path(path) / STATS_NAME).is_file()
-    stats = Stats(Path(path) / STATS_NAME) if need_stats or has_stats else None
-    if stats is not None and stats.info.get("base_fingerprint", base.fingerprint) != base.fingerprint:
-        raise UserError(f"stats of {path} were recorded on another base; rerun `mixshow stats`")
-    hashes = {name: sha256_file(Path(path) / name) for name in (META_FILE, WEIGHTS_FILE, STATS_NAME)
-              if (Path(path) / name).is_file()}
-    return Source(meta, tensors, stats, Path(path), hashes)
+    hashes = {name: sha256_file(path / name) for name in PACKAGE_FILES if (path / name).is_file()}
+    has_stats = (path / STATS_FILE).is_file()
+    stats = Stats(path / STATS_FILE) if need_stats or has_stats else None
+    if stats is not None:
+        if stats.info.get("base_fingerprint") != base.fingerprint:
+            raise UserError(f"stats of {path} were recorded on another base; rerun `mixshow stats`")
+        if stats.info.get("weights_sha256") != hashes[WEIGHTS_FILE]:
+            raise UserError(f"{path / STATS_FILE} was computed for other weights than {path / WEIGHTS_FILE} "
+                            "(its recorded sha256 differs); rerun `mixshow stats` on this package")
+    return Source(meta, tensors, stats, path, hashes)
 
 
 def module_dims(base: Base) -> dict[str, int]:
@@ -132,9 +111,9 @@ class Fusion:
     def __init__(self, base: Base, state: FusionState, records: list[dict], method: str, lam: float,
                  preserve: int, kv_rows: str = "all", show_progress: bool = True):
         if method not in METHODS:
-            raise UserError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+            raise InvalidArgument("method", f"{method!r} is not one of {', '.join(METHODS)}")
         if kv_rows not in KV_ROWS:
-            raise UserError(f"--kv-rows {kv_rows!r} is not one of {', '.join(KV_ROWS)}")
+            raise InvalidArgument("kv_rows", f"{kv_rows!r} is not one of {', '.join(KV_ROWS)}")
         self.kv_rows = kv_rows
         self.base, self.state, self.records = base, state, records
         self.method, self.lam, self.preserve = method, lam, preserve
@@ -180,52 +159,26 @@ class Fusion:
     def solve_site(self, site_key: str, modules: list[str], S: torch.Tensor | None,
                    grams: dict[str, torch.Tensor] | None = None, rows: dict[str, torch.Tensor] | None = None,
                    extra: torch.Tensor | None = None) -> None:
-        """Fuse every module reading one input site and write the fused weights into the base.
-
-        Text-side sites pass their own Grams, and their raw rows too: when all rows together are
-        fewer than the width (`--kv-rows concept`), the n x n row form replaces the d x d Cholesky.
-        """
+        """Fuse every module reading one input site (shared.fusion.fuse_site) and write it into the base."""
         model_name = site_key.partition(".")[0]
         model = self.base.text_encoder if model_name == "text_encoder" else self.base.unet
-        factor = lam = None
-        if self.method == "gradient":
-            if S is None:
-                raise UserError(f"no concept has statistics for {site_key}; run `mixshow stats` on every package")
-            lam = absolute_lam(S, self.lam)
-            if not (self.row_form and rows and self.rows_below_width(rows, extra, S.shape[0])):
-                rows, factor = None, regularised_cholesky(S, lam)
+        terms = {}
         for module in modules:
             qual = f"{model_name}.{module}"
-            owners = [c for c in self.state.concepts if qual in c.up]
-            ups = [c.up[qual] for c in owners]
-            weights = [c.weight for c in owners]
-            if self.method == "gradient" and rows is not None:
-                if len(owners) != len(self.state.concepts):  # S sums every concept's rows, not only the owners'
-                    others = [(c.weight / rows[c.name].shape[0]) ** 0.5 * rows[c.name]
-                              for c in self.state.concepts if c not in owners]
-                    extra_all = torch.cat(others + ([extra] if extra is not None else []))
-                else:
-                    extra_all = extra
-                up, down = fused_lora_rows(ups, [c.down[qual] for c in owners], [rows[c.name] for c in owners], lam,
-                                           weights, extra_all)
-            elif self.method == "gradient":
-                if grams is None:
-                    agrams = [c.agram[qual] for c in owners]
-                else:  # text side: this fusion's own Grams
-                    agrams = [c.down[qual] @ grams[c.name] for c in owners]
-                up, down = fused_lora(ups, agrams, factor, weights)
-            else:
-                up, down = naive_lora(ups, [c.down[qual] for c in owners], self.method)
+            terms[module] = [Term(c.name, c.weight, c.up[qual], c.down[qual], c.agram.get(qual))
+                             for c in self.state.concepts if qual in c.up]
+        weighted_rows = None
+        if rows is not None and self.row_form:
+            weighted_rows = {c.name: (c.weight, rows[c.name]) for c in self.state.concepts}
+        if self.method == "gradient" and S is None:
+            raise UserError(f"no concept has statistics for {site_key}; run `mixshow stats` on every package")
+        solved = fuse_site(self.method, terms, S, self.lam, grams, weighted_rows, extra)
+        for module, (up, down) in solved.items():
             up32, down32 = up.float().contiguous(), down.float().contiguous()
-            self.lora[qual] = (up32, down32)
+            self.lora[f"{model_name}.{module}"] = (up32, down32)
             layer = model.get_submodule(module)
             with torch.no_grad():
                 layer.weight.copy_(apply_lowrank(layer.weight, up32, down32))
-
-    @staticmethod
-    def rows_below_width(rows: dict[str, torch.Tensor], extra: torch.Tensor | None, width: int) -> bool:
-        """Whether all text rows together (preservation rows included) are fewer than the layer's width."""
-        return sum(x.shape[0] for x in rows.values()) + (0 if extra is None else extra.shape[0]) < width
 
     @torch.no_grad()
     def solve_text_side(self, progress: Progress) -> None:
@@ -335,16 +288,16 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
     Returns the identity-loss report (also written as FUSED/fusion_report.json and .png).
     """
     out = Path(out)
-    check_fresh_output(out, "--out")
+    check_fresh_output(out, "out")
     remove = remove or []
     previous = read_concepts(from_dir) if from_dir else None
     if previous:
         method, lam, preserve, kv_rows = previous["method"], previous["lam"], previous["preserve"], previous["kv_rows"]
         base_path = base_path or Path(previous["base"])
     if base_path is None:
-        raise UserError("--base is required")
+        raise InvalidArgument("base", "is required")
     if method not in METHODS:
-        raise UserError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+        raise InvalidArgument("method", f"{method!r} is not one of {', '.join(METHODS)}")
     base = load_base(base_path, device, dtype, base_config)
     need_stats = method == "gradient"
     dims = module_dims(base)
@@ -359,7 +312,7 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
         for name in remove:
             record = next((r for r in records if r["name"] == name), None)
             if record is None:
-                raise UserError(f"--remove {name}: {from_dir} has no concept of that name "
+                raise InvalidArgument("remove", f"{name}: {from_dir} has no concept of that name "
                                 f"(it has: {', '.join(r['name'] for r in records)})")
             src = locate_package(record, base, need_stats)
             state.remove(name, src.meta, src.stats, dims)
@@ -368,7 +321,7 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
             with contextlib.suppress(UserError):
                 sources[record["name"]] = locate_package(record, base, need_stats)
     elif remove:
-        raise UserError("--remove needs --from FUSED")
+        raise InvalidArgument("remove", "needs a fused model to update (from_dir)")
     n_layers = len(cross_attention_layers(base.unet))
     new_sources = [read_source(Path(p), base, need_stats) for p in packages]
     for src in new_sources:
@@ -386,14 +339,36 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
         for site, gram in preserve_grams.items():
             state.S[site] = state.S[site] + gram
     if not state.concepts:
-        raise UserError("nothing to fuse: give at least one --concept (or leave one after --remove)")
+        raise InvalidArgument("concept", "nothing to fuse: give at least one package (or leave one after removing)")
     fusion = Fusion(base, state, records, method, lam, preserve, kv_rows, show_progress)
     fusion.run()
-    report = IdentityReport(fusion, sources).compute()
+    report = identity_report(fusion, sources)
     with staged_dir(out) as stage:
         fusion.write(stage, {"base_fingerprint": base.fingerprint, "base": str(Path(base.source).resolve())})
         report.write(stage)
     return report.data
+
+
+def identity_report(fusion: Fusion, sources: dict[str, Source]) -> IdentityReport:
+    """The report of a finished fusion: client-side Grams from each concept's stats (where its package is
+    known), text-side Grams from the server's own encoding."""
+    cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def gram_of(name: str, qual: str) -> torch.Tensor | None:
+        model, _, module = qual.partition(".")
+        site = f"{model}.{site_of(module)}"
+        if is_text_side(module):
+            return fusion.kv_grams.get(name, {}).get(site)
+        src = sources.get(name)
+        if src is None or src.stats is None:
+            return None
+        if (name, site) not in cache:
+            layer = (fusion.base.unet if model == "unet" else fusion.base.text_encoder).get_submodule(module)
+            cache[name, site] = src.stats.normalised(src.stats.key_for(model, module), layer.in_features)
+        return cache[name, site]
+
+    return IdentityReport(fusion.method, fusion.lam, fusion.state.concepts, fusion.lora, gram_of,
+                          set(sources)).compute()
 
 
 def locate_package(record: dict, base: Base, need_stats: bool) -> Source:

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "mixshow"
@@ -42,7 +42,7 @@ def check_superlink(superlink: str, root_cert: Path | None, insecure: bool, time
         import ssl
 
         if root_cert is None:
-            raise UserError("--root-cert CA.pem is required unless --insecure")
+            raise InvalidArgument("root_cert", "a CA certificate is required unless the connection is insecure")
         context = ssl.create_default_context(cafile=str(root_cert))
     try:
         with urllib.request.urlopen(f"{scheme}://{superlink}/health", timeout=timeout, context=context) as r:

@@ -11,7 +11,7 @@ import grpc
 from protos import mixshow_pb2 as pb
 from protos import mixshow_pb2_grpc as pb_grpc
 from shared.checkpoints import get_manifest, latest, versions
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
 from shared.storage import Store
 
 
@@ -44,24 +44,21 @@ class Registry(pb_grpc.CheckpointRegistryServicer):
 
 
 def serve(store: Store, port: int, host: str = "127.0.0.1", poll_seconds: float = 2.0) -> grpc.Server:
-    """Start the registry on host:port (port 0: any free port, see server.mixshow_port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    """Start the registry on host:port (port 0: any free port, see server.mixshow_port).
+
+    The port must be free: SO_REUSEPORT is off, so a second registry on the same port is refused
+    instead of silently sharing it.
+    """
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidArgument("port", f"{port} is not a TCP port (0-65535)")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_CheckpointRegistryServicer_to_server(Registry(store, poll_seconds), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise UserError(f"cannot listen on {host}:{port}")
+        raise InvalidArgument("port", f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
     server.mixshow_port = bound
     server.start()
     return server
-
-
-def fetch_manifest(address: str, version: str = "latest", timeout: float = 10.0) -> pb.FusedManifest:
-    """A version's manifest from a registry at host:port, as a UserError when it cannot be had."""
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.CheckpointRegistryStub(channel)
-        try:
-            return stub.GetVersion(pb.GetVersionRequest(version=version), timeout=timeout)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise UserError(exc.details()) from exc
-            raise UserError(f"registry {address} unreachable: {exc.code().name} {exc.details()}") from exc

@@ -8,68 +8,55 @@ Written as fusion_report.json and fusion_report.png; `table()` renders it for th
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from rich.table import Table
 
-from shared.fusion import identity_loss, naive_lora
-from shared.grams import is_text_side, site_of
-
-if TYPE_CHECKING:
-    from server.fuse import Fusion, Source
+from server.state import ConceptTerms
+from shared.atomic import write_bytes_atomic
+from shared.fusion import Term, identity_row
+from shared.validate import dumps_json
 
 COLUMNS = ("fused", "average", "sum")
 
 
 class IdentityReport:
-    """Identity loss per concept and layer, from Grams alone."""
+    """Identity loss per concept and layer, from Grams alone (the maths: shared.fusion.identity_row).
 
-    def __init__(self, fusion: Fusion, sources: dict[str, Source]):
-        self.fusion, self.sources = fusion, sources
+    `gram_of(concept, qual)` gives concept's Ĝ at the input of layer `qual`, or None where it is not
+    known (a concept whose package is gone); `complete` names the concepts with every Gram known.
+    """
+
+    def __init__(self, method: str, lam: float, concepts: list[ConceptTerms],
+                 lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 gram_of: Callable[[str, str], torch.Tensor | None], complete: set[str]):
+        self.method, self.lam, self.concepts, self.lora = method, lam, concepts, lora
+        self.gram_of, self.complete = gram_of, complete
         self.data: dict = {}
 
     def compute(self) -> IdentityReport:
-        fusion = self.fusion
         concepts = {}
-        for terms in fusion.state.concepts:
-            src = self.sources.get(terms.name)
+        for terms in self.concepts:
             layers: dict[str, dict[str, float]] = {}
-            grams: dict[str, torch.Tensor] = {}
             for qual in terms.up:
-                model, _, module = qual.partition(".")
-                site = f"{model}.{site_of(module)}"
-                if is_text_side(module):
-                    gram = fusion.kv_grams.get(terms.name, {}).get(site)
-                elif src is not None and src.stats is not None:
-                    if site not in grams:
-                        weight = fusion.base.unet if model == "unet" else fusion.base.text_encoder
-                        d_in = weight.get_submodule(module).in_features
-                        grams[site] = src.stats.normalised(src.stats.key_for(model, module), d_in)
-                    gram = grams[site]
-                else:
-                    gram = None
+                gram = self.gram_of(terms.name, qual)
                 if gram is None:
                     continue
-                owners = [c for c in fusion.state.concepts if qual in c.up]
-                up, down = fusion.lora[qual]
-                row = {"fused": identity_loss(up, down, terms.up[qual], terms.down[qual], gram)}
-                for method in ("average", "sum"):
-                    n_up, n_down = naive_lora([c.up[qual] for c in owners], [c.down[qual] for c in owners], method)
-                    row[method] = identity_loss(n_up, n_down, terms.up[qual], terms.down[qual], gram)
-                layers[qual] = row
+                owners = [Term(c.name, c.weight, c.up[qual], c.down[qual]) for c in self.concepts if qual in c.up]
+                own = next(t for t in owners if t.name == terms.name)
+                layers[qual] = identity_row(self.lora[qual], own, owners, gram)
             means = {col: sum(r[col] for r in layers.values()) / len(layers) for col in COLUMNS} if layers else {}
-            concepts[terms.name] = {"mean": means, "layers": layers, "complete": src is not None}
-        self.data = {"method": fusion.method, "lam": fusion.lam, "columns": list(COLUMNS), "concepts": concepts}
+            concepts[terms.name] = {"mean": means, "layers": layers, "complete": terms.name in self.complete}
+        self.data = {"method": self.method, "lam": self.lam, "columns": list(COLUMNS), "concepts": concepts}
         return self
 
     def table(self) -> Table:
         return table_of(self.data)
 
     def write(self, folder: Path) -> None:
-        (folder / "fusion_report.json").write_text(json.dumps(self.data, indent=1))
+        write_bytes_atomic(folder / "fusion_report.json", dumps_json(self.data).encode())
         self.plot(folder / "fusion_report.png")
 
     def plot(self, path: Path) -> None:

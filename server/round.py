@@ -14,17 +14,17 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.table import Table
 
-from client.round import FILES
 from protos import mixshow_pb2 as pb
 from server.fuse import fuse, read_source
 from shared.base import load_base
 from shared.checkpoints import publish
 from shared.errors import UserError
+from shared.package import PACKAGE_FILES
+from shared.round_messages import read_manifest_reply, round_message
 from shared.storage import FileStore, open_store
 
 console = Console(stderr=True)
@@ -68,7 +68,7 @@ def round_config(store, settings: RoundSettings, round_id: str, node: int, finge
     if isinstance(store, FileStore):
         config.store_url = store.url
     else:
-        for name in FILES:
+        for name in PACKAGE_FILES:
             config.upload_urls[name] = store.presigned_put(prefix + name)
     return config
 
@@ -76,13 +76,11 @@ def round_config(store, settings: RoundSettings, round_id: str, node: int, finge
 def verify(store, manifest: pb.ConceptManifest, prefix: str, base, folder: Path) -> Path:
     """Download a client's files against its manifest and check the package like `mixshow fuse` does."""
     names = {entry.key: entry for entry in manifest.files}
-    for name in FILES:
+    for name in PACKAGE_FILES:
         entry = names.get(prefix + name)
         if entry is None:
             raise UserError(f"manifest lacks {name}")
-        got = store.get_file(entry.key, folder / name, entry.sha256)
-        if got.size != entry.size:
-            raise UserError(f"{name}: {got.size} bytes stored, manifest says {entry.size}")
+        store.get_file(entry.key, folder / name, entry.sha256, entry.size)
     read_source(folder, base, need_stats=True)
     return folder
 
@@ -98,10 +96,7 @@ def run_round(grid: Grid, settings: RoundSettings) -> RoundOutcome:
         raise UserError(f"round {round_id}: only {len(nodes)} of {settings.min_clients} clients connected")
     messages, by_id = [], {}
     for node in nodes:
-        config = round_config(store, settings, round_id, node, base.fingerprint)
-        content = RecordDict({"round": ConfigRecord({"config": config.SerializeToString()})})
-        msg = Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
-        messages.append(msg)
+        messages.append(round_message(round_config(store, settings, round_id, node, base.fingerprint), node))
         outcome.clients[str(node)] = "no reply (timeout)"
     replies = list(grid.send_and_receive(messages, timeout=settings.timeout))
     for msg in messages:
@@ -114,8 +109,8 @@ def run_round(grid: Grid, settings: RoundSettings) -> RoundOutcome:
             if reply.has_error():
                 outcome.clients[str(node)] = f"failed: {(reply.error.reason or str(reply.error.code))[:200]}"
                 continue
-            manifest = pb.ConceptManifest.FromString(bytes(reply.content["manifest"]["pb"]))
             try:
+                manifest = read_manifest_reply(reply)
                 verify(store, manifest, f"rounds/{round_id}/{node}/", base, work / str(node))
             except UserError as exc:
                 outcome.clients[str(node)] = f"rejected: {exc}"

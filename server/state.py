@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.errors import UserError
+from shared.errors import InvalidArgument
 from shared.grams import is_text_side, site_of
 from shared.package import ConceptMeta
 from shared.stats_file import Stats
@@ -103,7 +103,7 @@ class FusionState:
         from safetensors import safe_open
 
         if not path.is_file():
-            raise UserError(f"{path} is missing: --from needs a folder written by `mixshow fuse`")
+            raise InvalidArgument("from_dir", f"{path} is missing: a folder written by `mixshow fuse` is needed")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         tensors = load_file(str(path))

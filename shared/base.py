@@ -17,7 +17,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 CONFIG_FILES = {
@@ -82,7 +82,7 @@ def _load_components(path: Path, config: Path | None) -> StableDiffusionPipeline
     if path.suffix not in (".safetensors", ".ckpt") or not path.is_file():
         raise UserError(f"base {path} is neither a diffusers folder nor a .safetensors checkpoint file")
     if config is None:
-        raise UserError(f"single-file base {path} needs --base-config DIR: a local diffusers folder of the "
+        raise InvalidArgument("base_config", f"single-file base {path} needs a local diffusers folder of the "
                         "same architecture (no model hub is used)")
     check_base_folder(config)
     try:

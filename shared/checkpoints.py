@@ -11,18 +11,22 @@ manifest is stored and read back.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from protos import mixshow_pb2 as pb
 from shared.atomic import check_fresh_output, staged_dir
-from shared.errors import UserError
-from shared.fused_model import CONCEPTS_FILE, LORA_FILE
+from shared.download import check_download_url, download_verified, http_stream, inside, relative_key
+from shared.errors import UnsafeManifest, UserError
+from shared.fused_model import CONCEPTS_FILE, LORA_FILE, read_concepts
+from shared.registry_client import fetch_manifest
 from shared.storage import Store
 
 MANIFEST, LATEST = "manifest.pb", "fused/LATEST"
-VERSION = re.compile(r"^v(\d{4,})$")
+VERSION = re.compile(r"^v(\d{4,9})$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def versions(store: Store) -> list[str]:
@@ -31,9 +35,17 @@ def versions(store: Store) -> list[str]:
     return sorted((n for n in names if VERSION.match(n)), key=lambda n: int(n[1:]))
 
 
+def check_version_name(name: str, where: str) -> str:
+    if not isinstance(name, str) or not VERSION.match(name):
+        raise UnsafeManifest(f"{where} names version {name[:40]!r}; versions are v0001, v0002, ...")
+    return name
+
+
 def latest(store: Store) -> str | None:
-    info = store.info(LATEST)
-    return store.get_bytes(LATEST).decode().strip() if info else None
+    if store.info(LATEST) is None:
+        return None
+    text = store.get_bytes(LATEST).decode("ascii", "replace").strip()
+    return check_version_name(text, f"{store.url}/{LATEST}")
 
 
 def next_version(store: Store) -> str:
@@ -46,7 +58,7 @@ def next_version(store: Store) -> str:
 def publish(store: Store, folder: Path, round_id: str = "", version: str | None = None) -> pb.FusedManifest:
     """Upload every file of a FUSED folder, then its manifest, then move LATEST to it."""
     folder = Path(folder)
-    info = json.loads((folder / CONCEPTS_FILE).read_text())
+    info = read_concepts(folder)
     version = version or next_version(store)
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -63,55 +75,83 @@ def publish(store: Store, folder: Path, round_id: str = "", version: str | None 
     return manifest
 
 
+def decode_manifest(data: bytes, where: str) -> pb.FusedManifest:
+    try:
+        return pb.FusedManifest.FromString(data)
+    except DecodeError as exc:
+        raise UserError(f"{where} is not a fused-version manifest (protobuf does not decode: {exc})") from exc
+
+
 def get_manifest(store: Store, version: str = "latest") -> pb.FusedManifest:
     """The manifest of `version` (or of LATEST); a clear error for unknown versions."""
-    name = latest(store) if version == "latest" else version
+    name = latest(store) if version == "latest" else check_version_name(version, "the request")
     if name is None:
         raise UserError(f"{store.url} has no published fused version yet")
-    if store.info(f"fused/{name}/{MANIFEST}") is None:
+    key = f"fused/{name}/{MANIFEST}"
+    if store.info(key) is None:
         known = ", ".join(versions(store)) or "none"
         raise UserError(f"version {name!r} does not exist in {store.url} (complete versions: {known})")
-    return pb.FusedManifest.FromString(store.get_bytes(f"fused/{name}/{MANIFEST}"))
+    manifest = decode_manifest(store.get_bytes(key), f"{store.url}/{key}")
+    if manifest.version != name:
+        raise UnsafeManifest(f"{store.url}/{key} describes version {manifest.version[:40]!r}, not {name}")
+    return manifest
+
+
+def planned_files(manifest: pb.FusedManifest, version: str, lora_only: bool, where: str
+                  ) -> list[tuple[pb.FileEntry, str]]:
+    """(entry, relative path) of every file to download, each checked before anything is written.
+
+    A version is refused whole when any entry names a path outside `fused/<version>/`, repeats a
+    path, or lacks a size or sha256; it must hold concepts.json.
+    """
+    check_version_name(manifest.version, where)
+    if version != "latest" and manifest.version != version:
+        raise UnsafeManifest(f"{where} answered version {manifest.version} for {version}")
+    prefix = f"fused/{manifest.version}/"
+    planned, seen = [], set()
+    for entry in manifest.files:
+        rel = relative_key(entry.key, prefix)
+        if rel in seen or rel == MANIFEST:
+            raise UnsafeManifest(f"{where}: {entry.key!r} is listed twice (or shadows the manifest)")
+        if not SHA256.match(entry.sha256):
+            raise UnsafeManifest(f"{where}: {entry.key!r} has no valid sha256")
+        seen.add(rel)
+        if not lora_only or rel in (LORA_FILE, CONCEPTS_FILE):
+            planned.append((entry, rel))
+    if CONCEPTS_FILE not in seen:
+        raise UnsafeManifest(f"{where}: version {manifest.version} lists no {CONCEPTS_FILE}")
+    return planned
 
 
 def pull(store: Store, out: Path, version: str = "latest", lora_only: bool = False) -> pb.FusedManifest:
     """Download a version into `out` (atomically), verifying every file against the manifest."""
-    check_fresh_output(Path(out), "--out")
+    check_fresh_output(Path(out), "out")
     manifest = get_manifest(store, version)
-    prefix = f"fused/{manifest.version}/"
-    wanted = [f for f in manifest.files if not lora_only or f.key[len(prefix):] in (LORA_FILE, CONCEPTS_FILE)]
+    files = planned_files(manifest, version, lora_only, store.url)
     with staged_dir(Path(out)) as stage:
-        for entry in wanted:
-            got = store.get_file(entry.key, stage / entry.key[len(prefix):], entry.sha256)
-            if got.size != entry.size:
-                raise UserError(f"{entry.key} has {got.size} bytes, the manifest says {entry.size}")
+        for entry, rel in files:
+            store.get_file(entry.key, inside(stage, rel), entry.sha256, entry.size)
         (stage / MANIFEST).write_bytes(manifest.SerializeToString())
     return manifest
 
 
 def pull_from_registry(address: str, out: Path, version: str = "latest", lora_only: bool = False
                        ) -> pb.FusedManifest:
-    """Download a version through a registry's presigned URLs, verifying every file."""
-    import hashlib
-    import urllib.request
+    """Download a version through a registry's presigned URLs, verifying every file.
 
-    from server.registry import fetch_manifest
-
-    check_fresh_output(Path(out), "--out")
+    Every key and URL of the registry's answer is checked before the first byte is fetched.
+    """
+    check_fresh_output(Path(out), "out")
     manifest = fetch_manifest(address, version)
-    prefix = f"fused/{manifest.version}/"
+    where = f"registry {address}"
+    files = planned_files(manifest, version, lora_only, where)
+    for entry, _ in files:
+        if not entry.url:
+            raise UserError(f"{where} gives no download URLs (a file:// store): pull with store= instead")
+        check_download_url(entry.url, f"{where}: {entry.key}")
     with staged_dir(Path(out)) as stage:
-        for entry in manifest.files:
-            rel = entry.key[len(prefix):]
-            if lora_only and rel not in (LORA_FILE, CONCEPTS_FILE):
-                continue
-            if not entry.url:
-                raise UserError(f"registry {address} gives no download URLs (a file:// store): use --store")
-            with urllib.request.urlopen(entry.url, timeout=300) as response:
-                data = response.read()
-            if hashlib.sha256(data).hexdigest() != entry.sha256 or len(data) != entry.size:
-                raise UserError(f"{entry.key} from {address} does not match the manifest (sha256/size)")
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            (stage / rel).write_bytes(data)
+        for entry, rel in files:
+            download_verified(lambda e=entry: http_stream(e.url), inside(stage, rel), entry.sha256, entry.size,
+                              f"{entry.key} from {where}")
         (stage / MANIFEST).write_bytes(manifest.SerializeToString())
     return manifest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.errors import UserError
+from shared.errors import InvalidArgument
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -18,11 +18,11 @@ def parse_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise UserError(f"--device {name!r} is not a device name (try cpu, cuda, cuda:0)") from exc
+        raise InvalidArgument("device", f"{name!r} is not a device name (try cpu, cuda, cuda:0)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise InvalidArgument("device", f"{name}: CUDA is not available on this machine; use cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+        raise InvalidArgument("device", f"{name}: MPS is not available on this machine; use cpu")
     return device
 
 
@@ -31,4 +31,4 @@ def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise UserError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}") from None
+        raise InvalidArgument("dtype", f"{name!r} is not one of {', '.join(DTYPES)}") from None

@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
 
 RANDOM_INIT_STD = 0.013
 
@@ -54,12 +54,13 @@ def check_new_words(tokenizer: CLIPTokenizer, words: list[str], n_layers: int, w
     """Refuse words that are empty, contain spaces or upper case, or already exist in the tokenizer."""
     vocab = tokenizer.get_vocab()
     if not words:
-        raise UserError("--words is empty: give the concept's new words, e.g. --words '<cat1> <cat2>'")
+        raise InvalidArgument("words", "is empty: give the concept's new words, e.g. '<cat1> <cat2>'")
     if len(set(words)) != len(words):
-        raise UserError(f"--words {' '.join(words)} repeats a word")
+        raise InvalidArgument("words", f"{' '.join(words)} repeats a word")
     for word in words:
         if not word or re.search(r"\s", word) or word != word.lower():
-            raise UserError(f"concept word {word!r} must be one lower-case word without spaces, e.g. '<cat1>'")
+            raise InvalidArgument("words", f"concept word {word!r} must be one lower-case word without spaces, "
+                                           "e.g. '<cat1>'")
         clash = [n for n in [word, f"{word}</w>", *layer_token_names(word, n_layers)] if n in vocab]
         ids = tokenizer(word, add_special_tokens=False).input_ids
         if len(ids) == 1:
@@ -74,7 +75,7 @@ def class_word_embedding(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, 
     ids = tokenizer(class_word, add_special_tokens=False).input_ids
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise UserError(f"--class-word {class_word!r} is {len(ids)} tokens ({' '.join(pieces)}), not one: "
+        raise InvalidArgument("class_word", f"{class_word!r} is {len(ids)} tokens ({' '.join(pieces)}), not one: "
                         "choose a single-token word such as 'dog', 'cat', 'man'")
     return text_encoder.get_input_embeddings().weight[ids[0]].detach().clone()
 

@@ -17,14 +17,23 @@ and shared by every layer reading that input.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
+from shared.errors import InvalidArgument
+
 DTYPE = torch.float64
+METHODS = ("gradient", "average", "sum")
 DEFAULT_LAM = 1e-4  # λ relative to the mean eigenvalue of S (docs/fusion.md says why)
 
 
 def absolute_lam(S: torch.Tensor, relative: float = DEFAULT_LAM) -> float:
     """λ for S: `relative` times its mean eigenvalue tr(S)/d, so it scales with the activations."""
+    if isinstance(relative, bool) or not isinstance(relative, (int, float)) or not math.isfinite(relative) or \
+            not 0 < relative <= 1e6:
+        raise InvalidArgument("lam", f"{relative!r} must be a finite number in (0, 1e6]")
     return relative * max(float(S.diagonal().sum()) / S.shape[0], 1e-12)
 
 
@@ -34,7 +43,8 @@ def regularised_cholesky(S: torch.Tensor, lam: float) -> torch.Tensor:
     shifted.diagonal().add_(lam)  # in place: no identity matrix, one pass less over d x d memory
     factor, info = torch.linalg.cholesky_ex(shifted)
     if int(info) != 0:
-        raise ValueError(f"S + {lam}·I is not positive definite (leading minor {int(info)}); raise --lam")
+        raise InvalidArgument("lam", f"S + {lam:.3g}·I is not positive definite (leading minor {int(info)}): the "
+                                     "statistics are degenerate at this regulariser; raise lam")
     return factor
 
 
@@ -139,3 +149,61 @@ def apply_lowrank(W0: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tor
     fused_lora.safetensors both go through it, so they agree bit for bit.
     """
     return (W0.to(DTYPE) + up.to(W0.device, DTYPE) @ down.to(W0.device, DTYPE)).to(W0.dtype)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One concept's part in one layer: up = s_i B_i, down = A_i, its weight w_i, and A_i Ĝ_i when the
+    client recorded the layer's input (None on the text side, where the server has the rows)."""
+
+    name: str
+    weight: float
+    up: torch.Tensor
+    down: torch.Tensor
+    agram: torch.Tensor | None = None
+
+
+def fuse_site(method: str, modules: dict[str, list[Term]], S: torch.Tensor | None = None, lam: float = DEFAULT_LAM,
+              grams: dict[str, torch.Tensor] | None = None, rows: dict[str, tuple[float, torch.Tensor]] | None = None,
+              extra: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(up, down) of W* − W0 for every module reading one input site; modules[m] are the concepts that adapt m.
+
+    'gradient': the closed form with S = Σ_all w_i Ĝ_i (+ extraᵀ extra) and λ relative to S. Client-side
+    sites use each term's A_i Ĝ_i and one Cholesky of S + λI. Text-side sites pass the server's own
+    `grams` (Ĝ_i by concept) and `rows` (w_i, X_i) of *every* concept; when all rows together are fewer
+    than the width, the n x n row form replaces the d x d factorisation, and the rows of concepts that
+    do not adapt a module still count in its S (with target W0, through `fused_lora_rows`' extra rows).
+    'average' / 'sum': the naive baselines.
+    """
+    if method not in METHODS:
+        raise InvalidArgument("method", f"{method!r} is not one of {', '.join(METHODS)}")
+    if method != "gradient":
+        return {m: naive_lora([t.up for t in terms], [t.down for t in terms], method) for m, terms in modules.items()}
+    if S is None:
+        raise InvalidArgument("stats", "a concept lacks statistics for this layer; compute them for every package")
+    absolute = absolute_lam(S, lam)
+    count = sum(x.shape[0] for _, x in (rows or {}).values()) + (0 if extra is None else extra.shape[0])
+    row_form = bool(rows) and count < S.shape[0]
+    factor = None if row_form else regularised_cholesky(S, absolute)
+    out = {}
+    for module, terms in modules.items():
+        if row_form:
+            owners = {t.name for t in terms}
+            others = [(w / x.shape[0]) ** 0.5 * x for name, (w, x) in rows.items() if name not in owners]
+            added = torch.cat(others + ([extra] if extra is not None else [])) if others or extra is not None else None
+            out[module] = fused_lora_rows([t.up for t in terms], [t.down for t in terms],
+                                          [rows[t.name][1] for t in terms], absolute, [t.weight for t in terms], added)
+        else:
+            agrams = [t.agram if grams is None else t.down.to(DTYPE) @ grams[t.name] for t in terms]
+            out[module] = fused_lora([t.up for t in terms], agrams, factor, [t.weight for t in terms])
+    return out
+
+
+def identity_row(fused: tuple[torch.Tensor, torch.Tensor], own: Term, owners: list[Term],
+                 gram: torch.Tensor) -> dict[str, float]:
+    """A concept's identity loss in one layer for the fused change and the two naive baselines."""
+    row = {"fused": identity_loss(*fused, own.up, own.down, gram)}
+    for method in ("average", "sum"):
+        baseline = naive_lora([t.up for t in owners], [t.down for t in owners], method)
+        row[method] = identity_loss(*baseline, own.up, own.down, gram)
+    return row

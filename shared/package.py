@@ -10,6 +10,8 @@ adapters and installs the layer-slice attention processors.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +31,12 @@ from shared.edlora import (
 )
 from shared.errors import UserError
 from shared.lora import add_lora, import_lora
+from shared.stats_file import STATS_FILE
+from shared.validate import check_tensors, read_json
 
 FORMAT_VERSION = 1
 META_FILE, WEIGHTS_FILE = "concept.json", "edlora.safetensors"
+PACKAGE_FILES = (META_FILE, WEIGHTS_FILE, STATS_FILE)  # what a client uploads, in this order
 DEFAULT_TEMPLATES = ("photo of a {}", "a {}", "a close-up of {}", "a good photo of the {}",
                      "a {} on the grass", "a {} in a room", "a painting of {}", "a rendering of a {}")
 
@@ -74,35 +79,120 @@ class ConceptMeta:
 
 def save_package(folder: Path, meta: ConceptMeta, tensors: dict[str, torch.Tensor]) -> None:
     """Write the two package files into `folder` (the caller stages the folder atomically)."""
+    check_tensors(tensors, f"package {folder}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_FILE),
               metadata={"format": "mixshow-edlora", "format_version": str(FORMAT_VERSION)})
     (folder / META_FILE).write_text(meta.to_json())
 
 
+_FIELDS = {"name": str, "words": list, "class_word": str, "n_layers": int, "layerwise": bool, "rank": int,
+           "alpha": (int, float), "unet_modules": list, "text_modules": list, "prompt_templates": list,
+           "base_fingerprint": str, "training": dict, "format_version": int}
+
+
+def parse_meta(data: object, where: Path) -> ConceptMeta:
+    """concept.json's contents as a ConceptMeta, every field checked for type and range."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must hold a JSON object, not {type(data).__name__}")
+    data = dict(data)
+    data.pop("lora_scale", None)
+    unknown = sorted(set(data) - set(_FIELDS))
+    missing = sorted(k for k in _FIELDS if k not in data and k != "format_version")
+    if unknown or missing:
+        problem = f"unknown field {unknown[0]!r}" if unknown else f"missing field {missing[0]!r}"
+        raise UserError(f"{where}: {problem}; is it a concept.json written by `mixshow train`?")
+    for key, kind in _FIELDS.items():
+        value = data.get(key, FORMAT_VERSION if key == "format_version" else None)
+        bad_bool = kind is int and isinstance(value, bool)
+        if not isinstance(value, kind) or bad_bool:
+            raise UserError(f"{where}: field {key!r} is {type(value).__name__}, expected "
+                            f"{getattr(kind, '__name__', 'number')}")
+    for key in ("words", "unet_modules", "text_modules", "prompt_templates"):
+        if not all(isinstance(v, str) and v for v in data[key]):
+            raise UserError(f"{where}: field {key!r} must be a list of non-empty strings")
+    if not data["words"]:
+        raise UserError(f"{where}: field 'words' is empty")
+    if not all(t.count("{}") == 1 for t in data["prompt_templates"]) or not data["prompt_templates"]:
+        raise UserError(f"{where}: every prompt template must contain {{}} exactly once")
+    if not re.fullmatch(r"[0-9a-f]{64}", data["base_fingerprint"]):
+        raise UserError(f"{where}: base_fingerprint is not a sha256")
+    for key, low in (("n_layers", 1), ("rank", 1)):
+        if data[key] < low or data[key] > 4096:
+            raise UserError(f"{where}: field {key!r} = {data[key]} is out of range")
+    if not math.isfinite(data["alpha"]) or data["alpha"] <= 0:
+        raise UserError(f"{where}: field 'alpha' = {data['alpha']} must be a finite positive number")
+    return ConceptMeta(**data)
+
+
 def read_package(folder: Path) -> tuple[ConceptMeta, dict[str, torch.Tensor]]:
-    """Read and check a package folder; every problem is a UserError naming the file."""
+    """Read and check a package folder; every problem is a UserError naming the file.
+
+    Checked: concept.json's fields and types; edlora.safetensors readable, every tensor float32 and
+    finite, exactly the embeddings of its words and the LoRA pair (A: rank x d_in, B: d_out x rank)
+    of every module it lists.
+    """
     folder = Path(folder)
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
+    if not folder.is_dir():
+        raise UserError(f"concept package {folder} is not a folder")
     for path in (meta_path, weights_path):
         if not path.is_file():
             raise UserError(f"concept package {folder} has no {path.name}: is it a package made by `mixshow train`?")
-    try:
-        data = json.loads(meta_path.read_text())
-        data.pop("lora_scale", None)
-        meta = ConceptMeta(**data)
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise UserError(f"{meta_path} is not a valid concept.json: {exc}") from exc
+    meta = parse_meta(read_json(meta_path, "concept file"), meta_path)
     if meta.format_version != FORMAT_VERSION:
         raise UserError(f"{meta_path} has format_version {meta.format_version}; this mixshow reads {FORMAT_VERSION}")
     try:
         tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{weights_path} cannot be read as safetensors ({exc}); the file is damaged") from exc
+    check_tensors(tensors, str(weights_path))
+    expected = {f"emb.{w}" for w in meta.words}
     for word in meta.words:
         emb = tensors.get(f"emb.{word}")
         if emb is None or emb.ndim != 2 or emb.shape[0] != meta.n_layers:
             raise UserError(f"{weights_path}: emb.{word} missing or not [n_layers={meta.n_layers}, hidden]")
+    for model, modules in (("text_encoder", meta.text_modules), ("unet", meta.unet_modules)):
+        for module in modules:
+            a, b = f"{model}.{module}.lora_A.weight", f"{model}.{module}.lora_B.weight"
+            A, B = tensors.get(a), tensors.get(b)
+            if A is None or B is None or A.ndim != 2 or B.ndim != 2 or A.shape[0] != meta.rank or \
+                    B.shape[1] != meta.rank:
+                raise UserError(f"{weights_path}: the LoRA of {model}.{module} is missing or not of rank {meta.rank}")
+            expected.update((a, b))
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise UserError(f"{weights_path} holds tensor {extra[0]!r}, which {META_FILE} does not describe")
     return meta, tensors
+
+
+def check_against_base(meta: ConceptMeta, tensors: dict[str, torch.Tensor], base: Base, where: Path) -> None:
+    """The package fits `base`: same fingerprint, same layer count, every LoRA the shape of its layer."""
+    if meta.base_fingerprint != base.fingerprint:
+        raise UserError(f"concept package {where} was trained on base {meta.base_fingerprint[:12]}, but the base "
+                        f"{base.source} is {base.fingerprint[:12]}: use the base it was trained on")
+    layers = len(cross_attention_layers(base.unet))
+    if layers != meta.n_layers:
+        raise UserError(f"concept package {where} has {meta.n_layers} layer embeddings but the base's UNet has "
+                        f"{layers} cross-attention layers")
+    hidden = base.text_encoder.get_input_embeddings().weight.shape[1]
+    for word in meta.words:
+        if tensors[f"emb.{word}"].shape[1] != hidden:
+            raise UserError(f"concept package {where}: emb.{word} is {tensors[f'emb.{word}'].shape[1]} wide, the "
+                            f"base's token embeddings are {hidden}")
+    for model_name, model, modules in (("text_encoder", base.text_encoder, meta.text_modules),
+                                       ("unet", base.unet, meta.unet_modules)):
+        for module in modules:
+            try:
+                layer = model.get_submodule(module)
+            except AttributeError:
+                raise UserError(f"package {where}: the base has no layer {model_name}.{module}") from None
+            if not isinstance(layer, torch.nn.Linear):
+                raise UserError(f"package {where}: {model_name}.{module} is not a linear layer of the base")
+            A = tensors[f"{model_name}.{module}.lora_A.weight"]
+            B = tensors[f"{model_name}.{module}.lora_B.weight"]
+            if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
+                raise UserError(f"package {where}: LoRA of {model_name}.{module} has shapes (B, A) = "
+                                f"{(tuple(B.shape), tuple(A.shape))}, the base layer is {tuple(layer.weight.shape)}")
 
 
 def token_map_for(meta: ConceptMeta) -> TokenMap:
@@ -111,16 +201,10 @@ def token_map_for(meta: ConceptMeta) -> TokenMap:
     return TokenMap(meta.n_layers, {w: layer_token_names(w, n) for w in meta.words})
 
 
-def apply_concept(base: Base, folder: Path, check_fingerprint: bool = True) -> tuple[ConceptMeta, LayerwiseTextEncoder]:
+def apply_concept(base: Base, folder: Path) -> tuple[ConceptMeta, LayerwiseTextEncoder]:
     """Load a concept package onto `base` in place; return its metadata and a layer-wise text encoder."""
     meta, tensors = read_package(folder)
-    if check_fingerprint and meta.base_fingerprint != base.fingerprint:
-        raise UserError(f"concept package {folder} was trained on base {meta.base_fingerprint[:12]}, but the base "
-                        f"{base.source} is {base.fingerprint[:12]}: use the base it was trained on")
-    layers = cross_attention_layers(base.unet)
-    if len(layers) != meta.n_layers:
-        raise UserError(f"concept package {folder} has {meta.n_layers} layer embeddings but the base's UNet has "
-                        f"{len(layers)} cross-attention layers")
+    check_against_base(meta, tensors, base, Path(folder))
     check_new_words(base.tokenizer, meta.words, meta.n_layers, base.source)
     token_map = token_map_for(meta)
     rows = {w: tensors[f"emb.{w}"][: len(token_map.words[w])] for w in meta.words}

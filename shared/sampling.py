@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from shared.base import Base
 from shared.edlora import LayerwiseTextEncoder
-from shared.errors import UserError
+from shared.errors import InvalidArgument
 
 SCHEDULERS = {
     "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++"),
@@ -26,14 +26,14 @@ def make_scheduler(base: Base, name: str):
     try:
         return SCHEDULERS[name](base.scheduler.config)
     except KeyError:
-        raise UserError(f"--scheduler {name!r} is not one of {', '.join(SCHEDULERS)}") from None
+        raise InvalidArgument("scheduler", f"{name!r} is not one of {', '.join(SCHEDULERS)}") from None
 
 
 def latent_shape(base: Base, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(batch, channels, h, w) of the latents for an image of height x width (checked)."""
     factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
     if height % (factor * 2) or width % (factor * 2) or height <= 0 or width <= 0:
-        raise UserError(f"--height/--width must be positive multiples of {factor * 2} for this base, "
+        raise InvalidArgument("height", f"height and width must be positive multiples of {factor * 2} for this base, "
                         f"got {height}x{width}")
     return batch, base.unet.config.in_channels, height // factor, width // factor
 

@@ -39,8 +39,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
+from shared.validate import parse_json
 
+STATS_FILE = "stats.safetensors"
 PACKINGS = ("compact", "full32", "full64", "tri32", "tri24", "tri16", "lowrank32")
 COMPACT_CANDIDATES = ("lowrank32", "tri24", "tri32")  # tri16: opt-in only (see docs/fusion.md)
 DEFAULT_PACKING = "compact"
@@ -176,10 +178,13 @@ def write_stats(path: Path, grams: dict[str, torch.Tensor], rows: dict[str, int]
                 info: dict, packing: str = DEFAULT_PACKING) -> None:
     """Write Grams (keyed `gram.<model>.<site>`) atomically: temp file, then rename."""
     if packing not in PACKINGS:
-        raise UserError(f"--pack {packing!r} is not one of {', '.join(PACKINGS)}")
+        raise InvalidArgument("packing", f"{packing!r} is not one of {', '.join(PACKINGS)}")
     tensors, meta = {}, {}
     for key, gram in grams.items():
         gram = gram.to(torch.float64)
+        if rows[key] < 1:
+            raise UserError(f"no input reached {key} while recording statistics; nothing to write")
+        check_gram(gram / rows[key], f"the Gram recorded for {key}")
         if packing == "compact":
             encoding, parts = _compact_choice(gram, rows[key])
         else:
@@ -206,13 +211,23 @@ class Stats:
             with safe_open(str(self.path), framework="pt") as f:
                 self.meta = f.metadata() or {}
                 self.keys = set(f.keys())
-        except (SafetensorError, OSError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"stats file {self.path} is damaged or truncated ({exc}); recompute it") from exc
         if self.meta.get("format") != "mixshow-stats":
             raise UserError(f"{self.path} is not a mixshow stats file")
         self.packing = self.meta.get("packing", "full32")
         self.aliases = {k[len("alias."):]: v for k, v in self.meta.items() if k.startswith("alias.")}
-        self.info = json.loads(self.meta.get("info", "{}"))
+        info = parse_json(self.meta.get("info", "{}"), f"the metadata 'info' of stats file {self.path}")
+        if not isinstance(info, dict):
+            raise UserError(f"stats file {self.path}: metadata 'info' is not a JSON object; recompute the stats")
+        self.info = info
+
+    def _int_meta(self, name: str, key: str) -> int:
+        text = self.meta.get(f"{name}.{key}")
+        if text is None or not text.isdigit() or int(text) < 1:
+            raise UserError(f"stats file {self.path}: {name}.{key} is {text!r}, not a positive count; "
+                            "recompute the stats")
+        return int(text)
 
     def key_for(self, model: str, module: str) -> str:
         """The gram key that `<model>.<module>`'s input is stored under."""
@@ -227,12 +242,12 @@ class Stats:
     def dim(self, key: str) -> int:
         """d_in of the Gram stored under `key`, as written."""
         if f"dim.{key}" in self.meta:
-            return int(self.meta[f"dim.{key}"])
+            return self._int_meta("dim", key)
         with safe_open(str(self.path), framework="pt") as f:
             return int(f.get_slice(key).get_shape()[0])
 
     def rows(self, key: str) -> int:
-        return int(self.meta[f"rows.{key}"])
+        return self._int_meta("rows", key)
 
     def normalised(self, key: str, d_in: int) -> torch.Tensor:
         """Ĝ = G / n for `key`, float64 [d_in, d_in], checked."""
@@ -243,8 +258,18 @@ class Stats:
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 tensors = {part: f.get_tensor(part_key(part, key)) for part in shapes}
-        except (SafetensorError, OSError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"stats file {self.path} is damaged or truncated at {key} ({exc})") from exc
+        allowed = {"gram": {"full64": torch.float64, "tri24": torch.int16, "tri16": torch.int16}.get(encoding,
+                                                                                                   torch.float32),
+                   "low": torch.uint8, "scale": torch.float32, "delta": torch.float64}
+        for part, tensor in tensors.items():
+            if tensor.dtype != allowed[part]:
+                raise UserError(f"stats file {self.path}: {part_key(part, key)} is {tensor.dtype}, expected "
+                                f"{allowed[part]} for {encoding}; recompute the stats")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UserError(f"stats file {self.path}: {part_key(part, key)} contains NaN or Inf; recompute "
+                                "the stats")
         got = {part: tuple(t.shape) for part, t in tensors.items()}
         if d != d_in or got != shapes:
             raise UserError(f"{self.path}: {key} holds a Gram of shape {got['gram']} ({encoding}), but the layer "

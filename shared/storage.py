@@ -14,21 +14,26 @@ MIXSHOW_S3_REGION, MIXSHOW_S3_CA_BUNDLE (a CA file for TLS).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import shutil
-import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
-from shared.errors import UserError
+from shared.download import download_verified, read_verified, sha256_file
+from shared.errors import IntegrityError, InvalidArgument, UserError
 
 PART_SIZE = 16 * 1024 * 1024
-RETRIES = 4
+S3_RETRIES = 5  # minio's own default policy, with its backoff
+SMALL_LIMIT = 16 * 1024 * 1024  # get_bytes is for manifests and pointers, never for model files
+__all__ = ["FileStore", "IntegrityError", "ObjectInfo", "S3Store", "Store", "open_store", "sha256_file"]
 
 
 @dataclass(frozen=True)
@@ -36,18 +41,6 @@ class ObjectInfo:
     key: str
     size: int
     sha256: str
-
-
-class IntegrityError(UserError):
-    """A stored object does not match its recorded sha256."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Store:
@@ -61,11 +54,8 @@ class Store:
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
         raise NotImplementedError
 
-    def get_file(self, key: str, dest: Path, sha256: str | None = None) -> ObjectInfo:
-        """Download `key` to `dest` (atomically), verifying its recorded (and, if given, expected) sha256."""
-        raise NotImplementedError
-
-    def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
+    def open(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """The object's bytes as a stream (unverified: callers go through get_file / get_bytes)."""
         raise NotImplementedError
 
     def info(self, key: str) -> ObjectInfo | None:
@@ -85,28 +75,30 @@ class Store:
     def presigned_get(self, key: str, expires: timedelta = timedelta(hours=2)) -> str | None:
         return None
 
+    def _known(self, key: str, sha256: str | None) -> ObjectInfo:
+        meta = self.info(key)
+        if meta is None:
+            raise UserError(f"{self.url}/{key} does not exist")
+        if sha256 and meta.sha256 and meta.sha256 != sha256:
+            raise IntegrityError(f"{self.url}/{key} does not match the manifest: recorded sha256 "
+                                 f"{meta.sha256[:12]}, expected {sha256[:12]}")
+        return meta
 
-def _check(key: str, data_sha: str, recorded: str | None, expected: str | None, where: str) -> None:
-    if recorded is not None and recorded != data_sha:
-        raise IntegrityError(f"{where}/{key} is corrupt: its bytes hash to {data_sha[:12]}, recorded {recorded[:12]}")
-    if expected is not None and expected != data_sha:
-        raise IntegrityError(f"{where}/{key} does not match the manifest: sha256 {data_sha[:12]}, expected "
-                             f"{expected[:12]}")
+    def get_file(self, key: str, dest: Path, sha256: str | None = None, size: int | None = None) -> ObjectInfo:
+        """Stream `key` to `dest` (atomically) through the one verified-download path: its recorded sha256
+        and, if given, the expected sha256 and size must all agree."""
+        meta = self._known(key, sha256)
+        if size is not None and meta.size != size:
+            raise IntegrityError(f"{self.url}/{key} has {meta.size} bytes, the manifest says {size}")
+        download_verified(lambda: self.open(key), dest, sha256 or meta.sha256, meta.size, f"{self.url}/{key}")
+        return meta
 
-
-def _download_checked(fetch, key: str, dest: Path, meta: ObjectInfo, sha256: str | None, where: str) -> ObjectInfo:
-    """fetch(tmp) writes the object to a temporary file beside `dest`; it becomes `dest` only if it verifies."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fetch(tmp)
-        _check(key, sha256_file(tmp), meta.sha256 or None, sha256, where)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dest)
-    return meta
+    def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
+        """A small object (manifest, pointer), verified against its recorded and the expected sha256."""
+        meta = self._known(key, sha256)
+        if not meta.sha256 and not sha256:
+            raise IntegrityError(f"{self.url}/{key} has no recorded sha256; it was not written by mixshow")
+        return read_verified(lambda: self.open(key), sha256 or meta.sha256, SMALL_LIMIT, f"{self.url}/{key}")
 
 
 class FileStore(Store):
@@ -149,22 +141,11 @@ class FileStore(Store):
         if not target.is_file():
             return None
         side = Path(f"{target}.sha256")
-        return ObjectInfo(key, target.stat().st_size, side.read_text().strip() if side.is_file() else "")
+        recorded = side.read_bytes()[:128].decode("ascii", "replace").strip() if side.is_file() else ""
+        return ObjectInfo(key, target.stat().st_size, recorded)
 
-    def get_file(self, key: str, dest: Path, sha256: str | None = None) -> ObjectInfo:
-        meta = self.info(key)
-        if meta is None:
-            raise UserError(f"{self.url}/{key} does not exist")
-        return _download_checked(lambda tmp: shutil.copyfile(self._path(key), tmp), key, dest, meta, sha256,
-                                 self.url)
-
-    def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
-        meta = self.info(key)
-        if meta is None:
-            raise UserError(f"{self.url}/{key} does not exist")
-        data = self._path(key).read_bytes()
-        _check(key, hashlib.sha256(data).hexdigest(), meta.sha256 or None, sha256, self.url)
-        return data
+    def open(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        return open(self._path(key), "rb")  # noqa: SIM115 (the caller closes it)
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix else self.root
@@ -180,6 +161,19 @@ class FileStore(Store):
             path.unlink(missing_ok=True)
 
 
+def s3_http_client(ca_bundle: str | None = None):
+    """minio's own default HTTP client (5-minute timeouts, 5 retries with backoff on 5xx and connection
+    errors), with `ca_bundle` as the trusted CA when given. Retrying is left to it alone."""
+    import certifi
+    import urllib3
+    from urllib3.util import Retry, Timeout
+
+    seconds = timedelta(minutes=5).seconds
+    return urllib3.PoolManager(timeout=Timeout(connect=seconds, read=seconds), maxsize=10, cert_reqs="CERT_REQUIRED",
+                               ca_certs=ca_bundle or os.environ.get("SSL_CERT_FILE") or certifi.where(),
+                               retries=Retry(total=S3_RETRIES, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]))
+
+
 class S3Store(Store):
     """Objects in an S3 bucket below a prefix, through the minio client."""
 
@@ -193,18 +187,18 @@ class S3Store(Store):
             if not endpoint:
                 raise UserError(f"{self.url}: set MIXSHOW_S3_ENDPOINT (host:port) and the credentials "
                                 "MIXSHOW_S3_ACCESS_KEY / MIXSHOW_S3_SECRET_KEY")
-            http_client = None
             ca = os.environ.get("MIXSHOW_S3_CA_BUNDLE")
-            if ca:
-                import urllib3
-
-                http_client = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=ca)
-            client = Minio(endpoint, access_key=os.environ.get("MIXSHOW_S3_ACCESS_KEY"),
-                           secret_key=os.environ.get("MIXSHOW_S3_SECRET_KEY"),
-                           secure=os.environ.get("MIXSHOW_S3_SECURE", "1") not in ("0", "false", "no"),
-                           region=os.environ.get("MIXSHOW_S3_REGION"), http_client=http_client)
+            if ca and not Path(ca).is_file():
+                raise UserError(f"MIXSHOW_S3_CA_BUNDLE={ca} is not a file")
+            try:
+                client = Minio(endpoint, access_key=os.environ.get("MIXSHOW_S3_ACCESS_KEY"),
+                               secret_key=os.environ.get("MIXSHOW_S3_SECRET_KEY"),
+                               secure=os.environ.get("MIXSHOW_S3_SECURE", "1") not in ("0", "false", "no"),
+                               region=os.environ.get("MIXSHOW_S3_REGION"), http_client=s3_http_client(ca))
+            except ValueError as exc:
+                raise UserError(f"MIXSHOW_S3_ENDPOINT={endpoint!r} is not usable: {exc}") from exc
         self.client = client
-        self._retry(lambda: self._check_bucket(), "open the bucket")
+        self._call(lambda: self._check_bucket(), "open the bucket")
 
     def _check_bucket(self) -> None:
         if not self.client.bucket_exists(self.bucket):
@@ -213,55 +207,47 @@ class S3Store(Store):
     def _name(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _retry(self, action, what: str):
-        """Run `action`, retrying transient failures with exponential backoff; map the rest to UserError."""
+    def _call(self, action, what: str):
+        """Run `action` (minio retries transient failures itself) and turn what remains into a UserError."""
         from minio.error import S3Error
         from urllib3.exceptions import HTTPError
 
-        for attempt in range(RETRIES + 1):
-            try:
-                return action()
-            except S3Error as exc:
-                if exc.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                    raise UserError(f"{self.url}: cannot {what}: {exc.code} (check the S3 credentials)") from exc
-                if exc.code in ("NoSuchBucket",):
-                    raise UserError(f"bucket {self.bucket!r} does not exist at the S3 endpoint") from exc
-                if exc.code in ("NoSuchKey",) or attempt == RETRIES or exc.code not in (
-                        "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"):
-                    raise UserError(f"{self.url}: cannot {what}: {exc.code}: {exc.message}") from exc
-            except (HTTPError, OSError) as exc:
-                if attempt == RETRIES:
-                    raise UserError(f"{self.url}: cannot {what}: S3 endpoint unreachable ({exc})") from exc
-            time.sleep(min(8.0, 0.25 * 2**attempt))
-        raise AssertionError("unreachable")
+        try:
+            return action()
+        except S3Error as exc:
+            if exc.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise UserError(f"{self.url}: cannot {what}: {exc.code} (check the S3 credentials)") from exc
+            if exc.code == "NoSuchBucket":
+                raise UserError(f"bucket {self.bucket!r} does not exist at the S3 endpoint") from exc
+            raise UserError(f"{self.url}: cannot {what}: {exc.code}: {exc.message}") from exc
+        except (HTTPError, OSError) as exc:
+            raise UserError(f"{self.url}: cannot {what}: S3 endpoint unreachable ({exc})") from exc
 
     def put_file(self, key: str, path: Path) -> ObjectInfo:
         digest, size = sha256_file(path), Path(path).stat().st_size
         with open(path, "rb") as fh:
-            return self._put(key, lambda: (fh.seek(0), fh)[1], size, digest)
+            return self._put(key, fh, size, digest)
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
-        return self._put(key, lambda: io.BytesIO(data), len(data), hashlib.sha256(data).hexdigest())
+        return self._put(key, io.BytesIO(data), len(data), hashlib.sha256(data).hexdigest())
 
-    def _put(self, key: str, stream, size: int, digest: str) -> ObjectInfo:
-        from minio.commonconfig import CopySource
+    def _put(self, key: str, stream: BinaryIO, size: int, digest: str) -> ObjectInfo:
+        from minio.commonconfig import ComposeSource, CopySource
 
         tmp = self._name(f".tmp/{uuid.uuid4().hex}")
         meta = {"sha256": digest}
-        self._retry(lambda: self.client.put_object(self.bucket, tmp, stream(), size, metadata=meta,
-                                                   part_size=PART_SIZE), f"upload {key}")
+        self._call(lambda: self.client.put_object(self.bucket, tmp, stream, size, metadata=meta,
+                                                  part_size=PART_SIZE), f"upload {key}")
         try:
             if size > 5 * 1024**3:  # a single copy is limited to 5 GiB
-                from minio.commonconfig import ComposeSource
-
-                self._retry(lambda: self.client.compose_object(self.bucket, self._name(key),
-                                                               [ComposeSource(self.bucket, tmp)], metadata=meta),
-                            f"publish {key}")
+                self._call(lambda: self.client.compose_object(self.bucket, self._name(key),
+                                                              [ComposeSource(self.bucket, tmp)], metadata=meta),
+                           f"publish {key}")
             else:
-                self._retry(lambda: self.client.copy_object(self.bucket, self._name(key), CopySource(self.bucket, tmp)),
-                            f"publish {key}")
+                self._call(lambda: self.client.copy_object(self.bucket, self._name(key), CopySource(self.bucket, tmp)),
+                           f"publish {key}")
         finally:
-            self._retry(lambda: self.client.remove_object(self.bucket, tmp), f"clean up {key}")
+            self._call(lambda: self.client.remove_object(self.bucket, tmp), f"clean up {key}")
         return ObjectInfo(key, size, digest)
 
     def info(self, key: str) -> ObjectInfo | None:
@@ -272,46 +258,32 @@ class S3Store(Store):
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
                 return None
-            return self._retry(lambda: self._info_strict(key), f"stat {key}")
+            return self._call(lambda: self._info_strict(key), f"stat {key}")
+        except Exception:  # noqa: BLE001 (connection errors: the strict call maps them)
+            return self._call(lambda: self._info_strict(key), f"stat {key}")
         return ObjectInfo(key, stat.size, _meta_sha(stat.metadata))
 
     def _info_strict(self, key: str) -> ObjectInfo:
         stat = self.client.stat_object(self.bucket, self._name(key))
         return ObjectInfo(key, stat.size, _meta_sha(stat.metadata))
 
-    def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
-        meta = self.info(key)
-        if meta is None:
-            raise UserError(f"{self.url}/{key} does not exist")
-
-        def read() -> bytes:
-            response = self.client.get_object(self.bucket, self._name(key))
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-
-        data = self._retry(read, f"download {key}")
-        _check(key, hashlib.sha256(data).hexdigest(), meta.sha256 or None, sha256, self.url)
-        return data
-
-    def get_file(self, key: str, dest: Path, sha256: str | None = None) -> ObjectInfo:
-        meta = self.info(key)
-        if meta is None:
-            raise UserError(f"{self.url}/{key} does not exist")
-        return _download_checked(
-            lambda tmp: self._retry(lambda: self.client.fget_object(self.bucket, self._name(key), str(tmp)),
-                                    f"download {key}"), key, dest, meta, sha256, self.url)
+    @contextlib.contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
+        response = self._call(lambda: self.client.get_object(self.bucket, self._name(key)), f"download {key}")
+        try:
+            yield response
+        finally:
+            response.close()
+            response.release_conn()
 
     def list(self, prefix: str) -> list[str]:
         start = len(self.prefix) + 1 if self.prefix else 0
-        objects = self._retry(lambda: list(self.client.list_objects(self.bucket, self._name(prefix), recursive=True)),
-                              f"list {prefix}")
+        objects = self._call(lambda: list(self.client.list_objects(self.bucket, self._name(prefix), recursive=True)),
+                             f"list {prefix}")
         return sorted(o.object_name[start:] for o in objects if "/.tmp/" not in f"/{o.object_name[start:]}")
 
     def delete(self, key: str) -> None:
-        self._retry(lambda: self.client.remove_object(self.bucket, self._name(key)), f"delete {key}")
+        self._call(lambda: self.client.remove_object(self.bucket, self._name(key)), f"delete {key}")
 
     def presigned_put(self, key: str, expires: timedelta = timedelta(hours=2)) -> str:
         return self.client.presigned_put_object(self.bucket, self._name(key), expires=expires)
@@ -334,6 +306,6 @@ def open_store(url: str) -> Store:
         return FileStore(Path(parsed.path))
     if parsed.scheme == "s3":
         if len(parsed.netloc) < 3:
-            raise UserError(f"--store {url}: bucket names have at least 3 characters")
+            raise InvalidArgument("store", f"{url}: bucket names have at least 3 characters")
         return S3Store(parsed.netloc, parsed.path)
-    raise UserError(f"--store {url!r} must be s3://bucket/prefix or file:///path")
+    raise InvalidArgument("store", f"{url!r} must be s3://bucket/prefix or file:///path")

@@ -15,8 +15,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 import logging  # noqa: E402
 
 from client.config import TrainConfig  # noqa: E402
-from shared.tiny_base import make_tiny_base  # noqa: E402
-from shared.toy_concepts import make_toy_concepts  # noqa: E402
+from fixtures.tiny_base import make_tiny_base  # noqa: E402
+from fixtures.toy_concepts import make_toy_concepts  # noqa: E402
 
 TOY_WORDS = {"red-circle": (["<redcir1>", "<redcir2>"], "toy"), "blue-square": (["<blusqu1>", "<blusqu2>"], "ball"),
              "green-triangle": (["<gretri1>", "<gretri2>"], "cube")}

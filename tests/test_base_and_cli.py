@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from cli.main import main
+from fixtures.tiny_base import WORDS
 from shared.base import load_base
 from shared.edlora import LayerwiseTextEncoder, TokenMap
 from shared.ldm_export import export_single_file
 from shared.sampling import generate
-from shared.tiny_base import WORDS
 from tests.conftest import TOY_WORDS
 
 
@@ -145,7 +145,7 @@ def test_cli_train_then_sample_is_deterministic(tiny_base, toys, tmp_path, monke
 
 def test_sample_rejects_package_from_another_base(tiny_base, trained, tmp_path, monkeypatch, capsys):
     other = tmp_path / "other-base"
-    from shared.tiny_base import make_tiny_base
+    from fixtures.tiny_base import make_tiny_base
 
     make_tiny_base(other, seed=1)
     pkg, _ = trained

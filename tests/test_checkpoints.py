@@ -7,9 +7,10 @@ import pytest
 
 from protos import mixshow_pb2 as pb
 from protos import mixshow_pb2_grpc as pb_grpc
-from server.registry import fetch_manifest, serve
+from server.registry import serve
 from shared.checkpoints import latest, publish, pull, versions
 from shared.errors import UserError
+from shared.registry_client import fetch_manifest
 from shared.storage import IntegrityError, open_store
 
 

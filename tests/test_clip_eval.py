@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from shared.clip_eval import ClipScorer, reference_images
+from sample.clip_eval import ClipScorer, reference_images
 from tests.test_base_and_cli import run_cli
 
 

@@ -13,10 +13,10 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from client.stats import compute_stats
+from sample.evaluation import fidelity
 from server.fuse import fuse
 from server.report import table_of
 from shared.base import load_base
-from shared.evaluation import fidelity
 from shared.fused_model import apply_fused_lora, load_fused
 from shared.grams import GramRecorder
 from shared.package import apply_concept
@@ -192,16 +192,18 @@ def test_identical_words_both_survive(tiny_base, toys, tmp_path):
 
 
 def _spoil_stats(pkg, change):
-    """Rewrite the package's stats as full32 [d, d] Grams with `change` applied to the first UNet one."""
-    from shared.stats_file import write_stats
+    """Rewrite the package's stats in the documented full32 layout ([d, d] float32 Grams, its metadata)
+    with `change` applied to the first UNet Gram (the real writer refuses to write a spoiled Gram)."""
+    from safetensors.torch import save_file
 
     path = pkg / "stats.safetensors"
     stats = Stats(path)
     keys = sorted(k for k in stats.keys if k.startswith("gram."))
-    grams = {k: stats.normalised(k, stats.dim(k)) * stats.rows(k) for k in keys}
+    grams = {k: (stats.normalised(k, stats.dim(k)) * stats.rows(k)).float() for k in keys}
     key = next(k for k in keys if k.startswith("gram.unet."))
-    grams[key] = change(grams[key].float())
-    write_stats(path, grams, {k: stats.rows(k) for k in keys}, stats.aliases, stats.info, "full32")
+    grams[key] = change(grams[key]).contiguous()
+    meta = {k: v for k, v in stats.meta.items() if k.startswith(("rows.", "alias.")) or k in ("format", "info")}
+    save_file(grams, str(path), metadata={**meta, "packing": "full32"})
 
 
 BAD = {
@@ -215,7 +217,7 @@ BAD = {
     "gram not psd": (lambda p: _spoil_stats(p, lambda g: g - 10 * g.diagonal().max() * torch.eye(g.shape[0])),
                      "not positive semi-definite"),
     "lora shape": (lambda p: _spoil_lora(p), "LoRA of"),
-    "other base": (lambda p: _spoil_meta(p, "base_fingerprint", "0" * 64), "another base"),
+    "other base": (lambda p: _spoil_meta(p, "base_fingerprint", "0" * 64), "trained on base"),
 }
 
 

@@ -18,13 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from fixtures.tiny_base import make_tiny_base
 from shared.ldm_export import (
     export_single_file,
     text_encoder_ldm_names,
     to_ldm_state_dict,
     unet_ldm_names,
 )
-from shared.tiny_base import make_tiny_base
 
 WEIGHTS = {
     "unet": "diffusion_pytorch_model.safetensors",

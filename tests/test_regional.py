@@ -10,13 +10,13 @@ from diffusers import ControlNetModel, StableDiffusionPipeline, T2IAdapter
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image, ImageDraw
 
+from sample.conditions import ConditionSpec, LoadedCondition
+from sample.regional import Box, RegionalProcessor, feature_grid
+from sample.scene import Region, Scene, regional_processors, render
 from shared.base import load_base
-from shared.conditions import ConditionSpec, LoadedCondition
 from shared.edlora import cross_attention_layers
 from shared.fused_model import expand_prompt, load_fused
-from shared.regional import Box, RegionalProcessor, feature_grid
 from shared.sampling import initial_latents
-from shared.scene import Region, Scene, regional_processors, render
 from tests.test_base_and_cli import run_cli
 
 SIZE = 64
@@ -137,7 +137,7 @@ def test_overlap_is_the_mean_of_the_two_regions(fused):
 
 def test_no_regions_is_the_plain_pipeline_bitwise(tiny_base):
     """No regions: diffusers' own StableDiffusionPipeline with the same prompt and seed gives the same image."""
-    from cli.models import load_scene_model
+    from sample.models import load_scene_model
 
     scene = _scene(base=tiny_base)
     loaded = load_scene_model(scene, torch.device("cpu"), torch.float32)
@@ -213,7 +213,7 @@ def test_three_concepts_in_three_boxes_with_every_scheduler(scheduler, fused_thr
     overlay = Image.open(tmp_path / "scene_overlay.png").convert("RGB")
     scale = overlay.width // SIZE
     # each box's outline is drawn in its own colour at its top-left corner
-    from shared.scene import COLOURS
+    from sample.scene import COLOURS
 
     for i, (top, left) in enumerate([(0.0, 0.0), (0.0, 0.5), (0.5, 0.25)]):
         x, y = int(left * SIZE * scale) + 1, int(top * SIZE * scale) + 1
@@ -274,7 +274,7 @@ def test_packages_on_a_base_fuse_in_memory_like_mixshow_fuse(tiny_base, three_pa
 def test_several_conditions_are_summed(fused, condition_models):
     """Two ControlNet conditions add their weighted residuals (0.5 + 0.25 = 0.75 of one at weight 1); an adapter
     beside them feeds the UNet's intra-block residuals with its own."""
-    from shared.conditions import ConditionHook
+    from sample.conditions import ConditionHook
 
     base, encoder, _ = fused
     image, net, adapter = (condition_models / "sketch.png", condition_models / "controlnet",

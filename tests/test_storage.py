@@ -69,7 +69,7 @@ def test_bad_store_urls(s3_env, monkeypatch):
     with pytest.raises(UserError, match="must be"):
         open_store("ftp://host/x")
     monkeypatch.setenv("MIXSHOW_S3_ENDPOINT", "127.0.0.1:9")  # nothing listens there
-    monkeypatch.setattr("shared.storage.RETRIES", 1)
+    monkeypatch.setattr("shared.storage.S3_RETRIES", 1)
     with pytest.raises(UserError, match="unreachable"):
         open_store("s3://mixshow/x")
 

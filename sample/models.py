@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
 
 
 @dataclass
@@ -33,9 +33,12 @@ def fused(base, encoder, concepts: list[dict]) -> SceneModel:
     return SceneModel(base, encoder, concepts, lambda text: expand_prompt(text, concepts))
 
 
+Fuser = Callable[[Path, list[Path], Path], None]  # (base, packages, out folder): writes a fused folder
+
+
 def load_scene_model(scene, device: torch.device, dtype: torch.dtype, base_config: Path | None = None,
-                     lora_weight: float = 1.0) -> SceneModel:
-    """The model `scene`'s model fields name."""
+                     lora_weight: float = 1.0, fuser: Fuser | None = None) -> SceneModel:
+    """The model `scene`'s model fields name; several packages are fused first by `fuser`."""
     from shared.base import load_base
     from shared.edlora import LayerwiseTextEncoder, TokenMap, cross_attention_layers, install_layer_processors
     from shared.fused_model import apply_fused_lora, load_fused
@@ -44,14 +47,14 @@ def load_scene_model(scene, device: torch.device, dtype: torch.dtype, base_confi
 
     if scene.model is not None:
         if scene.base is not None or scene.fused_lora is not None or scene.concepts:
-            raise UserError("give a fused --model alone, or --base with --fused-lora or --concept")
+            raise InvalidArgument("model", "give a fused model alone, or a base with a fused LoRA or concept packages")
         return fused(*load_fused(scene.model, device, dtype))
     if scene.base is None:
-        raise UserError("name a model: --model FUSED, or --base BASE (with --concept PKG... or --fused-lora FILE)")
+        raise InvalidArgument("model", "name a model: a fused folder, or a base (with packages or a fused LoRA)")
     if scene.fused_lora is not None and scene.concepts:
-        raise UserError("give --fused-lora or --concept with --base, not both")
+        raise InvalidArgument("fused_lora", "give a fused LoRA or concept packages with the base, not both")
     if len(scene.concepts) > 1:
-        return fuse_in_memory(scene, device, dtype, base_config)
+        return fuse_in_memory(scene, device, dtype, fuser)
     base = load_base(scene.base, device, dtype, base_config)
     if scene.fused_lora is not None:
         return fused(base, *apply_fused_lora(base, scene.fused_lora))
@@ -78,12 +81,14 @@ def single_concept_expander(meta):
     return expand
 
 
-def fuse_in_memory(scene, device: torch.device, dtype: torch.dtype, base_config: Path | None) -> SceneModel:
-    """Several packages on a base: gradient fusion (the defaults of `mixshow fuse`) into a temporary folder."""
-    from server.fuse import fuse
+def fuse_in_memory(scene, device: torch.device, dtype: torch.dtype, fuser: Fuser | None) -> SceneModel:
+    """Several packages on a base: `fuser` (the server's fusion, handed down by the caller) writes a fused
+    folder into a temporary place, which is read whole into memory."""
     from shared.fused_model import load_fused
 
+    if fuser is None:
+        raise InvalidArgument("concept", "several packages must be fused first: fuse them, then sample the result")
     with tempfile.TemporaryDirectory(prefix="mixshow-scene-") as tmp:
         folder = Path(tmp) / "fused"
-        fuse(scene.base, list(scene.concepts), folder, device=device, base_config=base_config, show_progress=False)
+        fuser(Path(scene.base), list(scene.concepts), folder)
         return fused(*load_fused(folder, device, dtype))  # every weight is read into memory here

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
 
 TEXT_WEIGHT = 2.5
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -25,14 +25,14 @@ class ClipScorer:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise UserError(f"--clip {path} is not a CLIP model folder (no config.json); give a local "
+            raise InvalidArgument("clip", f"{path} is not a CLIP model folder (no config.json); give a local "
                             "transformers CLIPModel folder with its tokenizer and preprocessor_config.json")
         try:
             self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device, dtype).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
             self.processor = CLIPImageProcessor.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise UserError(f"--clip {path} cannot be loaded as a CLIP model ({exc})") from exc
+            raise InvalidArgument("clip", f"{path} cannot be loaded as a CLIP model ({exc})") from exc
         self.device, self.dtype = device, dtype
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
 """A scene to sample (docs/sampling.md): global prompt, regions with boxes, spatial conditions, sampler
-settings, read from YAML or built from flags; rendered with shared.regional and shared.conditions,
+settings, read from YAML or built from flags; rendered with sample.regional and sample.conditions,
 and drawn as an overlay so a person sees what went where."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
+from sample.conditions import KINDS, ConditionHook, ConditionSpec, LoadedCondition
+from sample.regional import Box, RegionalProcessor, RegionLayout, install_regional_processors
 from shared.base import Base
-from shared.conditions import KINDS, ConditionHook, ConditionSpec, LoadedCondition
 from shared.edlora import LayerwiseTextEncoder
-from shared.errors import UserError
-from shared.regional import Box, RegionalProcessor, RegionLayout, install_regional_processors
+from shared.errors import InvalidArgument, UserError
 from shared.sampling import SCHEDULERS, denoise, latent_shape
 
 
@@ -149,9 +149,9 @@ def read_scene(path: Path) -> Scene:
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
-        raise UserError(f"--config {path} cannot be read ({exc})") from exc
+        raise InvalidArgument("config", f"{path} cannot be read ({exc})") from exc
     except yaml.YAMLError as exc:
-        raise UserError(f"--config {path} is not valid YAML ({exc})") from exc
+        raise InvalidArgument("config", f"{path} is not valid YAML ({exc})") from exc
     return scene_from_dict(data, str(path), Path(path).resolve().parent)
 
 

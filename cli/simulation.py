@@ -11,13 +11,14 @@ import json
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client.round import NodeSettings, take_part
-from protos import mixshow_pb2 as pb
 from server.round import RoundSettings, run_round
+from shared.errors import UserError
+from shared.round_messages import manifest_reply, read_round_config
 
 
 def demo_apps(settings: RoundSettings, nodes: list[dict], outcome_file: Path) -> tuple[ServerApp, ClientApp]:
@@ -35,9 +36,7 @@ def demo_apps(settings: RoundSettings, nodes: list[dict], outcome_file: Path) ->
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         node = NodeSettings.from_node_config(nodes[int(context.node_config["partition-id"])])
-        config = pb.RoundConfig.FromString(bytes(msg.content["round"]["config"]))
-        manifest = take_part(config, node)
-        return Message(RecordDict({"manifest": ConfigRecord({"pb": manifest.SerializeToString()})}), reply_to=msg)
+        return manifest_reply(take_part(read_round_config(msg), node), msg)
 
     return server_app, client_app
 
@@ -54,7 +53,7 @@ def run_demo_round(settings: RoundSettings, nodes: list[dict], work: Path) -> di
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
     if not outcome_file.is_file():
-        raise RuntimeError("the simulated round did not finish (see the log above)")
+        raise UserError("the simulated round did not finish (see the log above)")
     result = json.loads(outcome_file.read_text())
     result["seconds"] = round(time.time() - start, 1)
     return result

@@ -3,7 +3,7 @@ with a global weight and optional per-box weights; several conditions are summed
 
 Each condition's residuals are computed at weight 1 and multiplied by a weight map: the global
 weight everywhere, a box's own weight on the cells inside that box (boxes map to each residual's
-resolution by the cell-centre rule of shared.regional; where weighted boxes overlap, the mean of
+resolution by the cell-centre rule of sample.regional; where weighted boxes overlap, the mean of
 their weights). The maps are applied in a forward pre-hook of the UNet, so the same diffusers
 StableDiffusionPipeline runs with or without conditions, with every scheduler.
 """
@@ -18,9 +18,9 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
 from PIL import Image, UnidentifiedImageError
 
+from sample.regional import Box, level_sizes
 from shared.edlora import LayerSliceProcessor, cross_attention_layers
 from shared.errors import UserError
-from shared.regional import Box, level_sizes
 
 KINDS = ("t2i-adapter", "controlnet")
 
