@@ -24,7 +24,7 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     from sample.regional import Box
     from sample.scene import Region, Scene, overlay, render
     from server.report import table_of
-    from server.round import RoundSettings
+    from server.settings import RoundSettings
     from shared.atomic import check_fresh_output
     from shared.checkpoints import pull
     from shared.fused_model import expand_prompt, load_fused
@@ -42,8 +42,8 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
               "class-word": c["class_word"], "base": str(base), "work-dir": str(out / "clients" / c["name"]),
               "device": device} for c in concepts]
     store_url = f"file://{out / 'store'}"
-    settings = RoundSettings(store=store_url, base=base, min_clients=3, timeout=1800, wait=60, steps=steps,
-                             resolution=resolution, stats_samples=2)
+    settings = RoundSettings.from_config({"store": store_url, "base": str(base), "min-clients": 3, "wait": 60,
+                                          "steps": steps, "resolution": resolution, "stats-samples": 2})
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     console.print(f"[bold]federation round[/]: 3 simulated clients, store {store_url}")
     result = run_demo_round(settings, nodes, out)

@@ -9,6 +9,7 @@ spatial layers from the clients' Grams. Each layer: one Cholesky per input site 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from shared.package import META_FILE, PACKAGE_FILES, WEIGHTS_FILE, ConceptMeta, 
 from shared.sampling import generate
 from shared.stats_file import STATS_FILE, Stats
 from shared.storage import sha256_file
+from shared.validate import number
 
 GENERIC_PROMPTS = ("a photo of a dog", "a painting of a house", "a red car on the road", "a man in a room",
                    "a woman on the beach", "a cat on the grass", "a city street at night", "a tree in the snow")
@@ -125,6 +127,11 @@ class Fusion:
     # -- the four steps ---------------------------------------------------------------------------------
     def run(self) -> None:
         self.merge_tokens()
+        # The server encodes the concepts' prompts for cross-attention k/v with the fused text encoder. A float64
+        # copy, fused without rounding, makes those inputs independent of float32 rounding: an incremental
+        # fusion then reproduces a fusion from scratch to float64 precision, not to float32 rounding times the
+        # conditioning of the k/v solve.
+        self.text64 = copy.deepcopy(self.base.text_encoder).to(torch.float64)
         with Progress(disable=not self.show_progress) as progress:
             for model in ("text_encoder", "unet"):
                 sites = self.sites(model, text_side=False)
@@ -174,6 +181,10 @@ class Fusion:
             raise UserError(f"no concept has statistics for {site_key}; run `mixshow stats` on every package")
         solved = fuse_site(self.method, terms, S, self.lam, grams, weighted_rows, extra)
         for module, (up, down) in solved.items():
+            if model_name == "text_encoder":
+                with torch.no_grad():
+                    exact = self.text64.get_submodule(module).weight
+                    exact.add_(up.to(exact.device, torch.float64) @ down.to(exact.device, torch.float64))
             up32, down32 = up.float().contiguous(), down.float().contiguous()
             self.lora[f"{model_name}.{module}"] = (up32, down32)
             layer = model.get_submodule(module)
@@ -187,7 +198,7 @@ class Fusion:
         if not sites:
             return
         layers = cross_attention_layers(self.base.unet)
-        encoder = LayerwiseTextEncoder(self.base.tokenizer, self.base.text_encoder, self.token_map)
+        encoder = LayerwiseTextEncoder(self.base.tokenizer, self.text64, self.token_map)
         length = self.base.tokenizer.model_max_length
         per_layer: dict[str, list[torch.Tensor]] = {}
         for record in self.records:
@@ -279,6 +290,18 @@ def client_sites_of(sources: list[Source]) -> dict[str, dict[str, list[str]]]:
     return sites
 
 
+def check_settings(method: str, lam: float, preserve: int, kv_rows: str) -> None:
+    """The fusion's settings, checked before anything is loaded."""
+    if method not in METHODS:
+        raise InvalidArgument("method", f"{method!r} is not one of {', '.join(METHODS)}")
+    number("lam", lam, 0, 1e6, low_open=True)
+    if number("preserve", preserve, 0, None, integer=True) > len(GENERIC_PROMPTS):
+        raise InvalidArgument("preserve", f"{preserve} generic prompts asked for, but there are "
+                                          f"{len(GENERIC_PROMPTS)}; give at most {len(GENERIC_PROMPTS)}")
+    if kv_rows not in KV_ROWS:
+        raise InvalidArgument("kv_rows", f"{kv_rows!r} is not one of {', '.join(KV_ROWS)}")
+
+
 def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = "gradient", lam: float = DEFAULT_LAM,
          preserve: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          base_config: Path | None = None, from_dir: Path | None = None, remove: list[str] | None = None,
@@ -292,12 +315,15 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
     remove = remove or []
     previous = read_concepts(from_dir) if from_dir else None
     if previous:
-        method, lam, preserve, kv_rows = previous["method"], previous["lam"], previous["preserve"], previous["kv_rows"]
-        base_path = base_path or Path(previous["base"])
+        try:
+            method, lam, preserve, kv_rows = (previous["method"], previous["lam"], previous["preserve"],
+                                              previous["kv_rows"])
+            base_path = base_path or Path(str(previous["base"]))
+        except KeyError as exc:
+            raise UserError(f"{from_dir}/{CONCEPTS_FILE} lacks {exc}; it was not written by `mixshow fuse`") from exc
     if base_path is None:
         raise InvalidArgument("base", "is required")
-    if method not in METHODS:
-        raise InvalidArgument("method", f"{method!r} is not one of {', '.join(METHODS)}")
+    check_settings(method, lam, preserve, kv_rows)
     base = load_base(base_path, device, dtype, base_config)
     need_stats = method == "gradient"
     dims = module_dims(base)

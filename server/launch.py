@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +15,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from server.settings import APP_DIR
 from shared.errors import InvalidArgument, UserError
 
-APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "mixshow"
 
 
@@ -67,12 +66,18 @@ def launch_round(superlink: str, run_config: dict, root_cert: Path | None = None
     env = flwr_env(superlink, root_cert, insecure)
     flwr = shutil.which("flwr", path=env["PATH"]) or "flwr"
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-    started = subprocess.run([flwr, "run", str(APP_DIR), CONNECTION, "--run-config", overrides], env=env,
-                             capture_output=True, text=True, timeout=300)
-    match = re.search(r"run (\d+)", started.stdout + started.stderr)
-    if started.returncode != 0 or not match:
-        raise UserError(f"flwr run failed: {(started.stderr or started.stdout).strip()[-400:]}")
-    run_id = match.group(1)
+    command = [flwr, "run", str(APP_DIR), CONNECTION, "--format", "json"]
+    if overrides:
+        command += ["--run-config", overrides]
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        answer = json.loads(started.stdout)
+    except json.JSONDecodeError:
+        answer = {}
+    if not isinstance(answer, dict) or not answer.get("success") or not str(answer.get("run-id", "")).isdigit():
+        detail = answer.get("error-message") if isinstance(answer, dict) else None
+        raise UserError(f"flwr run failed: {(detail or started.stderr or started.stdout).strip()[-400:]}")
+    run_id = str(answer["run-id"])
     log(f"run {run_id} started on {superlink}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

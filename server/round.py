@@ -20,6 +20,7 @@ from rich.table import Table
 
 from protos import mixshow_pb2 as pb
 from server.fuse import fuse, read_source
+from server.settings import RoundSettings
 from shared.base import load_base
 from shared.checkpoints import publish
 from shared.errors import UserError
@@ -28,20 +29,6 @@ from shared.round_messages import read_manifest_reply, round_message
 from shared.storage import FileStore, open_store
 
 console = Console(stderr=True)
-
-
-@dataclass
-class RoundSettings:
-    store: str
-    base: Path
-    min_clients: int = 2
-    timeout: float = 600.0
-    wait: float = 120.0  # how long to wait for min_clients nodes to connect
-    steps: int = 0  # 0: the clients' defaults
-    resolution: int = 0
-    stats_samples: int = 0
-    retrain: bool = False
-    round_id: str = ""
 
 
 @dataclass

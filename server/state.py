@@ -10,16 +10,18 @@ each new fused text encoder.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, UserError
 from shared.grams import is_text_side, site_of
 from shared.package import ConceptMeta
 from shared.stats_file import Stats
+from shared.validate import check_tensors, parse_json
 
 STATE_FILE = "fusion_state.safetensors"
 
@@ -100,21 +102,41 @@ class FusionState:
 
     @classmethod
     def load(cls, path: Path) -> tuple[FusionState, dict]:
-        from safetensors import safe_open
+        """Read a fusion state, checked: format, metadata, float64/float32 finite tensors, every concept's terms."""
+        from safetensors import SafetensorError, safe_open
 
+        path = Path(path)
         if not path.is_file():
             raise InvalidArgument("from_dir", f"{path} is missing: a folder written by `mixshow fuse` is needed")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        tensors = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"fusion state {path} cannot be read ({exc}); the file is damaged") from exc
+        if meta.get("format") != "mixshow-fusion-state":
+            raise UserError(f"{path} is not a mixshow fusion state")
+        check_tensors(tensors, str(path), (torch.float64, torch.float32))
+        entries = parse_json(meta.get("concepts", ""), f"the metadata 'concepts' of {path}")
+        info = parse_json(meta.get("info", ""), f"the metadata 'info' of {path}")
+        if not isinstance(entries, list) or not isinstance(info, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("weight"), (int, float))
+                and not isinstance(e.get("weight"), bool) and math.isfinite(e["weight"]) and e["weight"] > 0
+                for e in entries):
+            raise UserError(f"fusion state {path}: its concept list is malformed; the file is damaged")
         state = cls({k[2:]: v for k, v in tensors.items() if k.startswith("S.")})
-        for entry in json.loads(meta["concepts"]):
-            terms = ConceptTerms(entry["name"], entry["weight"])
+        for site, S in state.S.items():
+            if S.ndim != 2 or S.shape[0] != S.shape[1]:
+                raise UserError(f"fusion state {path}: S.{site} is not a square matrix")
+        for entry in entries:
+            terms = ConceptTerms(entry["name"], float(entry["weight"]))
             for kind in ("up", "down", "agram", "emb"):
                 prefix = f"{kind}.{terms.name}."
                 getattr(terms, kind).update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            if set(terms.up) != set(terms.down) or not terms.emb:
+                raise UserError(f"fusion state {path}: the terms of concept {terms.name!r} are incomplete")
             state.concepts.append(terms)
-        return state, json.loads(meta["info"])
+        return state, info
 
 
 def _site(qual: str) -> str:

@@ -26,6 +26,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success rename it to `out`, on error remove it."""
     out = Path(out)
     check_fresh_output(out)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     os.chmod(stage, 0o777 & ~_UMASK)  # mkdtemp makes 0700; the result is an ordinary folder
@@ -36,6 +37,11 @@ def staged_dir(out: Path) -> Iterator[Path]:
         os.replace(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:  # a failed write leaves no trace, not even the folders made for it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
 
 

@@ -8,7 +8,6 @@ Files (written by `mixshow fuse`, see docs/formats.md):
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from shared.base import Base, load_base
 from shared.edlora import LayerwiseTextEncoder, TokenMap, add_tokens, install_layer_processors
 from shared.errors import UserError
-from shared.fusion import apply_lowrank
+from shared.validate import check_tensors, parse_json, read_json
 
 CONCEPTS_FILE, LORA_FILE = "concepts.json", "fused_lora.safetensors"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -52,11 +51,33 @@ def expand_prompt(prompt: str, concepts: list[dict]) -> str:
     return re.sub(r"(?<!/)<([^<>\s/]+)>", swap, prompt)
 
 
+def parse_concepts(data: object, where: str) -> dict:
+    """concepts.json's contents, checked: the fields every reader relies on, with their types."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must hold a JSON object")
+    for key, kind in (("method", str), ("n_layers", int), ("base_fingerprint", str), ("concepts", list)):
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise UserError(f"{where}: field {key!r} is missing or not {kind.__name__}; was it written by "
+                            "`mixshow fuse`?")
+    names = set()
+    for i, c in enumerate(data["concepts"]):
+        ok = isinstance(c, dict) and isinstance(c.get("name"), str) and NAME_PATTERN.match(c["name"]) and \
+            isinstance(c.get("tokens"), dict) and all(isinstance(q, str) and isinstance(t, list) and t and
+                                                     all(isinstance(n, str) for n in t)
+                                                     for q, t in c["tokens"].items())
+        if not ok:
+            raise UserError(f"{where}: concept #{i} lacks a valid name or token list")
+        if c["name"] in names:
+            raise UserError(f"{where}: concept {c['name']!r} appears twice")
+        names.add(c["name"])
+    return data
+
+
 def read_concepts(folder: Path) -> dict:
     path = Path(folder) / CONCEPTS_FILE
     if not path.is_file():
         raise UserError(f"{folder} has no {CONCEPTS_FILE}: is it a folder written by `mixshow fuse`?")
-    return json.loads(path.read_text())
+    return parse_concepts(read_json(path, "fused model file"), str(path))
 
 
 def load_fused(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
@@ -64,42 +85,71 @@ def load_fused(folder: Path, device: torch.device | str = "cpu", dtype: torch.dt
     """A fused diffusers folder with layer-wise processors installed; returns (base, encoder, concepts)."""
     info = read_concepts(folder)
     base = load_base(folder, device, dtype)
-    install_layer_processors(base.unet, base.tokenizer.model_max_length)
     tmap = token_map_of(info["concepts"], info["n_layers"])
+    missing = [n for names in tmap.words.values() for n in names if n not in base.tokenizer.get_vocab()]
+    if missing:
+        raise UserError(f"{folder}: the tokenizer lacks the concept token {missing[0]!r} that {CONCEPTS_FILE} names")
+    install_layer_processors(base.unet, base.tokenizer.model_max_length)
     return base, LayerwiseTextEncoder(base.tokenizer, base.text_encoder, tmap), info["concepts"]
 
 
-def apply_fused_lora(base: Base, path: Path) -> tuple[LayerwiseTextEncoder, list[dict]]:
-    """Put a fused_lora.safetensors onto `base` in place: tokens, merged weights, processors."""
+def read_fused_lora(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(concepts info, tensors) of a fused_lora.safetensors, checked: format, valid metadata, finite float
+    tensors, an (A, B) pair for every adapted layer and an embedding for every concept word."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"cannot read fused LoRA {path}: {exc}") from exc
     if meta.get("format") != "mixshow-fused-lora":
         raise UserError(f"{path} is not a fused LoRA written by `mixshow fuse`")
-    info = json.loads(meta["concepts"])
+    info = parse_concepts(parse_json(meta.get("concepts", ""), f"the metadata of {path}"), f"the metadata of {path}")
+    check_tensors(tensors, str(path), (torch.float32, torch.float16, torch.bfloat16))
+    for key in tensors:
+        if key.startswith("emb."):
+            continue
+        pair = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(".lora_B.", ".lora_A.")
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")) or pair not in tensors or \
+                not key.startswith(("unet.", "text_encoder.")):
+            raise UserError(f"{path}: tensor {key!r} is not half of a LoRA pair of the text encoder or UNet")
+    for c in info["concepts"]:
+        for q in c["tokens"]:
+            emb = tensors.get(f"emb.{q}")
+            if emb is None or emb.ndim != 2 or emb.shape[0] < len(c["tokens"][q]):
+                raise UserError(f"{path}: the embedding of {q!r} is missing or has too few rows")
+    return info, tensors
+
+
+def apply_fused_lora(base: Base, path: Path) -> tuple[LayerwiseTextEncoder, list[dict]]:
+    """Put a fused_lora.safetensors onto `base` in place: tokens, then the LoRA merged by diffusers
+    (`load_lora_weights` + `fuse_lora`), then the layer-wise processors."""
+    info, tensors = read_fused_lora(path)
     if info["base_fingerprint"] != base.fingerprint:
         raise UserError(f"{path} was fused on base {info['base_fingerprint'][:12]}, but {base.source} is "
                         f"{base.fingerprint[:12]}")
     tmap = token_map_of(info["concepts"], info["n_layers"])
     rows = {w: tensors[f"emb.{w}"][: len(names)] for w, names in tmap.words.items()}
     add_tokens(base.tokenizer, base.text_encoder, tmap, rows)
-    merge_lora_tensors(base, tensors)
+    merge_lora_tensors(base, {k: v for k, v in tensors.items() if not k.startswith("emb.")}, str(path))
     install_layer_processors(base.unet, base.tokenizer.model_max_length)
     return LayerwiseTextEncoder(base.tokenizer, base.text_encoder, tmap), info["concepts"]
 
 
 @torch.no_grad()
-def merge_lora_tensors(base: Base, tensors: dict[str, torch.Tensor]) -> None:
-    """W = W0 + lora_B @ lora_A for every `<model>.<module>.lora_A.weight` in `tensors`."""
-    models = {"text_encoder": base.text_encoder, "unet": base.unet}
-    for key, down in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        model_name, _, module = key[: -len(".lora_A.weight")].partition(".")
-        layer = models[model_name].get_submodule(module)
-        up = tensors[key.replace(".lora_A.", ".lora_B.")]
-        layer.weight.copy_(apply_lowrank(layer.weight, up, down))
+def merge_lora_tensors(base: Base, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """W = W0 + lora_B @ lora_A for every `<model>.<module>.lora_A.weight` in `tensors`, through diffusers'
+    LoRA loader (its PEFT-format keys are ours): the adapter is loaded, fused into the weights and unloaded."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    lora = {k: v.to(base.dtype) for k, v in tensors.items()}
+    try:
+        pipe.load_lora_weights(lora, adapter_name="mixshow-fused")
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"{where} does not fit the base {base.source}: {exc}") from exc
+    pipe.fuse_lora(lora_scale=1.0, adapter_names=["mixshow-fused"])
+    pipe.unload_lora_weights()

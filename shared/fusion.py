@@ -143,10 +143,9 @@ def naive_lora(ups: list[torch.Tensor], downs: list[torch.Tensor], method: str) 
 
 
 def apply_lowrank(W0: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """W0 + up @ down computed in float64 and cast back to W0's dtype.
-
-    The one place a fused change meets the base weights: the fused folder and base +
-    fused_lora.safetensors both go through it, so they agree bit for bit.
+    """W0 + up @ down computed in float64 and cast back to W0's dtype (rounded once): how the fused
+    folder is written. Base + fused_lora.safetensors is merged by diffusers' own LoRA loader instead,
+    which agrees with this to float32 rounding (tests/test_fuse.py measures it).
     """
     return (W0.to(DTYPE) + up.to(W0.device, DTYPE) @ down.to(W0.device, DTYPE)).to(W0.dtype)
 

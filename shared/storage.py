@@ -169,9 +169,11 @@ def s3_http_client(ca_bundle: str | None = None):
     from urllib3.util import Retry, Timeout
 
     seconds = timedelta(minutes=5).seconds
-    return urllib3.PoolManager(timeout=Timeout(connect=seconds, read=seconds), maxsize=10, cert_reqs="CERT_REQUIRED",
+    return urllib3.PoolManager(timeout=Timeout(connect=seconds, read=seconds), maxsize=10,
+                               cert_reqs="CERT_REQUIRED",
                                ca_certs=ca_bundle or os.environ.get("SSL_CERT_FILE") or certifi.where(),
-                               retries=Retry(total=S3_RETRIES, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]))
+                               retries=Retry(total=S3_RETRIES, backoff_factor=0.2,
+                                             status_forcelist=[500, 502, 503, 504]))
 
 
 class S3Store(Store):

@@ -6,9 +6,11 @@ import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
@@ -145,7 +147,8 @@ def test_fused_folder_loads_plainly_and_fused_lora_gives_same_weights_and_image(
     for name in ("unet", "text_encoder"):
         a = dict(getattr(fused_base, name).named_parameters())
         b = dict(getattr(lora_base, name).named_parameters())
-        assert max(float((a[k] - b[k]).norm() / b[k].norm()) for k in a) <= 1e-5
+        # the folder is W0 + ΔW rounded once from float64; diffusers merges the LoRA in float32
+        assert max(float((a[k] - b[k]).norm() / b[k].norm()) for k in a) <= 1e-6
     assert fused_base.tokenizer.get_vocab() == lora_base.tokenizer.get_vocab()
     prompt = "a <red-circle> next to a <blue-square>"
     common = ["--prompt", prompt, "--steps", "3", "--height", "64", "--width", "64", "--seed", "2"]
@@ -153,7 +156,8 @@ def test_fused_folder_loads_plainly_and_fused_lora_gives_same_weights_and_image(
                    monkeypatch, capsys)[0] == 0
     assert run_cli(["sample", "--base", str(tiny_base), "--fused-lora", str(folder / "fused_lora.safetensors"),
                     *common, "--out", str(tmp_path / "l.png")], monkeypatch, capsys)[0] == 0
-    assert (tmp_path / "m.png").read_bytes() == (tmp_path / "l.png").read_bytes()
+    m, lo = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("m", "l"))
+    assert np.abs(m - lo).max() <= 1, "the two ways of loading the fused model give different images"
 
 
 def test_add_then_remove_and_from_plus_add(tiny_base, three_packages, fused_three, tmp_path):
