@@ -23,15 +23,19 @@ def run(config: Path = typer.Option(None, "--config", help="a scene YAML (docs/s
         region: list[str] = typer.Option(None, "--region", help="'top,left,bottom,right:prompt' (fractions), "
                                                                 "repeatable"),
         condition: list[str] = typer.Option(None, "--condition",
-                                            help="'t2i-adapter|controlnet:MODEL_DIR:IMAGE[:WEIGHT]', repeatable"),
-        seed: int = typer.Option(None, "--seed"),
-        steps: int = typer.Option(None, "--steps", help="denoising steps (default 20)"),
-        guidance: float = typer.Option(None, "--guidance", help="classifier-free guidance (default 7.5)"),
-        height: int = typer.Option(None, "--height", help="default 512"),
-        width: int = typer.Option(None, "--width", help="default 512"),
+                                            help="'t2i-adapter|controlnet:MODEL_DIR:IMAGE[:WEIGHT]', repeatable; "
+                                                 "WEIGHT in [0, 10] (default 1); the image is resized to the "
+                                                 "output and must have its aspect ratio"),
+        seed: int = typer.Option(None, "--seed", help="0 .. 2^32-1 (default 0)"),
+        steps: int = typer.Option(None, "--steps", help="denoising steps, 1 .. 1000 (default 20)"),
+        guidance: float = typer.Option(None, "--guidance", help="classifier-free guidance, 1 (none) .. 100 "
+                                                                "(default 7.5)"),
+        height: int = typer.Option(None, "--height", help="8 .. 4096, a multiple of 2 x the VAE factor (default 512)"),
+        width: int = typer.Option(None, "--width", help="as --height (default 512)"),
         scheduler: str = typer.Option(None, "--scheduler", help="dpm++ (default) | ddim | euler"),
-        batch: int = typer.Option(None, "--batch", help="images per scene, seeds from one latent draw"),
-        lora_weight: float = typer.Option(1.0, "--lora-scale", help="multiplier on one --concept's LoRA"),
+        batch: int = typer.Option(None, "--batch", help="images per scene (1 .. 64), seeds from one latent draw"),
+        lora_weight: float = typer.Option(1.0, "--lora-scale", help="multiplier in [0, 4] on one --concept's LoRA "
+                                                                    "(0: the base weights)"),
         out: Path = typer.Option(..., "--out", help="image to write (.png); a batch writes NAME_0.png ..., "
                                                     "regions add NAME_overlay.png"),
         device: str = Device, dtype: str = Dtype) -> None:
@@ -41,13 +45,15 @@ def run(config: Path = typer.Option(None, "--config", help="a scene YAML (docs/s
     from rich import print
 
     from sample.models import load_scene_model
-    from sample.scene import overlay, read_scene, render, scene_from_dict
+    from sample.scene import overlay, preflight, read_scene, render, scene_from_dict
     from shared.atomic import write_image_atomic
     from shared.device import parse_device, parse_dtype
     from shared.errors import UserError
 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must end in .png")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give the path of the image to write")
     flags = {"prompt": prompt, "negative": negative, "seed": seed, "steps": steps, "guidance": guidance,
              "height": height, "width": width, "scheduler": scheduler, "batch": batch}
     if config is not None:
@@ -68,6 +74,7 @@ def run(config: Path = typer.Option(None, "--config", help="a scene YAML (docs/s
             setattr(scene, key, value)
     if concept:
         scene.concepts = list(concept)
+    preflight(scene)  # condition folders and images, before any model is loaded
     dev = parse_device(device)
     loaded = load_scene_model(scene, dev, parse_dtype(dtype), base_config, lora_weight, package_fuser(dev, base_config))
     expand = loaded.expand
@@ -86,12 +93,18 @@ def run(config: Path = typer.Option(None, "--config", help="a scene YAML (docs/s
 
 def parse_region(text: str) -> dict:
     """'top,left,bottom,right:prompt' -> the YAML form of a region."""
+    from sample.regional import Box
     from shared.errors import UserError
 
     box, sep, prompt = text.partition(":")
     if not sep or not prompt.strip():
         raise UserError(f"--region {text!r} must be 'top,left,bottom,right:prompt'")
-    return {"box": [v.strip() for v in box.split(",")], "prompt": prompt.strip()}
+    try:
+        values = [float(v) for v in box.split(",")]
+    except ValueError:
+        raise UserError(f"--region {text!r}: the box must be four numbers 'top,left,bottom,right'") from None
+    Box.parse(values, f"--region {text!r}: box")
+    return {"box": values, "prompt": prompt.strip()}
 
 
 def parse_condition(text: str) -> dict:
@@ -112,5 +125,7 @@ def parse_condition(text: str) -> dict:
         raise UserError(f"--condition {text!r} must be 'type:MODEL_DIR:IMAGE[:WEIGHT]'")
     item = {"type": kind, "model": model, "image": image}
     if weight:
-        item["weight"] = weight
+        from sample.conditions import check_weight
+
+        item["weight"] = check_weight(float(weight), f"--condition {text!r}: weight")
     return item

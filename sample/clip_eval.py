@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sample.images import open_image
 from shared.errors import InvalidArgument, UserError
+from shared.validate import read_json
 
 TEXT_WEIGHT = 2.5
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -22,17 +24,33 @@ class ClipScorer:
 
     def __init__(self, path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # stderr carries errors only
 
         path = Path(path)
         if not (path / "config.json").is_file():
             raise InvalidArgument("clip", f"{path} is not a CLIP model folder (no config.json); give a local "
                             "transformers CLIPModel folder with its tokenizer and preprocessor_config.json")
+        config = read_json(path / "config.json", "CLIP config")
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        if kind != "clip":
+            raise InvalidArgument("clip", f"{path} is not a CLIP model folder (its config.json has model_type "
+                                  f"{kind!r}, not 'clip'); give a transformers CLIPModel folder, not a text encoder")
         try:
-            self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device, dtype).eval()
+            model, info = CLIPModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
             self.tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
             self.processor = CLIPImageProcessor.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
             raise InvalidArgument("clip", f"{path} cannot be loaded as a CLIP model ({exc})") from exc
+        missing = list(info.get("missing_keys", [])) + list(info.get("mismatched_keys", []))
+        if missing:
+            raise InvalidArgument("clip", f"{path}: its weights do not cover its config ({len(missing)} tensors "
+                                  f"missing or mis-shaped, e.g. {missing[0]}); the folder is damaged or mixed up")
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise InvalidArgument("clip", f"{path}: weight {bad} contains NaN or Inf; the file is damaged")
+        self.model = model.to(device, dtype).eval()
         self.device, self.dtype = device, dtype
 
     @torch.no_grad()
@@ -61,18 +79,12 @@ class ClipScorer:
 
 
 def reference_images(folder: Path) -> list[Image.Image]:
-    """A concept's reference images (training masks `*_mask.*` left out)."""
+    """A concept's reference images (training masks `*_mask.*` left out), as RGB in any Pillow mode: 16-bit
+    greyscale scaled by its depth, transparent pixels composited onto white; one clear error per bad file."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"reference folder {folder} does not exist")
+        raise UserError(f"reference folder {folder} does not exist (or is not a folder)")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask"))
     if not paths:
         raise UserError(f"reference folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    images = []
-    for p in paths:
-        try:
-            with Image.open(p) as img:
-                images.append(img.convert("RGB"))
-        except OSError as exc:
-            raise UserError(f"reference image {p} cannot be read ({exc})") from exc
-    return images
+    return [open_image(p, "reference image", "RGB", background=(255, 255, 255)) for p in paths]

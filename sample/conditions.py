@@ -16,13 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from sample.images import open_image
 from sample.regional import Box, level_sizes
 from shared.edlora import LayerSliceProcessor, cross_attention_layers
 from shared.errors import UserError
+from shared.validate import number, read_json
 
 KINDS = ("t2i-adapter", "controlnet")
+CLASS_NAMES = {"t2i-adapter": "T2IAdapter", "controlnet": "ControlNetModel"}
+KIND_OF_CLASS = {v: k for k, v in CLASS_NAMES.items()}
+MAX_WEIGHT = 10.0  # a condition's (or box's) weight: 0 switches it off, 1 is as trained
+ASPECT_TOLERANCE = 0.02  # relative: a condition image is resized, never distorted by more than this
 
 
 @dataclass
@@ -50,16 +56,64 @@ def weight_map(spec: ConditionSpec, h: int, w: int) -> torch.Tensor:
     return out
 
 
+def check_weight(value, where: str) -> float:
+    """A condition or box weight: a finite number in [0, MAX_WEIGHT], or a UserError naming `where`."""
+    try:
+        return float(number("weight", value, 0.0, MAX_WEIGHT))
+    except UserError as exc:
+        raise UserError(f"{where}: {getattr(exc, 'message', exc)} (a condition weight lies in [0, "
+                        f"{MAX_WEIGHT:g}]: 0 switches it off, 1 is as trained)") from None
+
+
+def check_spec(spec: ConditionSpec, where: str = "condition") -> None:
+    """Kind and weights of a condition as written (no file is opened)."""
+    if spec.kind not in KINDS:
+        raise UserError(f"{where} type {spec.kind!r} is not one of {', '.join(KINDS)}")
+    check_weight(spec.weight, f"{where} weight")
+    for j, (box, weight) in enumerate(spec.boxes):
+        if not isinstance(box, Box):
+            raise UserError(f"{where} boxes[{j}] is not a box")
+        check_weight(weight, f"{where} boxes[{j}].weight")
+
+
+def check_model_folder(kind: str, folder: Path) -> None:
+    """`folder` holds a diffusers model of the class `kind` needs (read from its config.json), or a UserError."""
+    cls = CLASS_NAMES[kind]
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"condition model {folder} is not a folder: give a local diffusers {cls} folder")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError(f"condition model {folder} has no config.json: give a local diffusers {cls} folder")
+    data = read_json(config, "condition model config")
+    found = data.get("_class_name") if isinstance(data, dict) else None
+    if found != cls:
+        hint = f"; it is a {found}: use type {KIND_OF_CLASS[found]}" if found in KIND_OF_CLASS else ""
+        raise UserError(f"condition model {folder} is not a {cls} folder (its config.json names "
+                        f"{found if isinstance(found, str) else 'no diffusers class'}){hint}")
+
+
 def read_condition_image(path: Path, height: int, width: int, channels: int = 3) -> torch.Tensor:
     """(1, channels, height, width) in [0, 1] (channels 1: greyscale, 3: RGB), resized to the image size;
-    UserError when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            picture = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise UserError(f"condition image {path} cannot be read as an image ({exc}); give a PNG or JPEG") from exc
+    UserError when it cannot be read or its aspect ratio differs from the image's (it would be distorted).
+    Any Pillow mode: 16-bit greyscale is scaled by its depth, transparent pixels become black."""
+    picture = open_image(path, "condition image", "L" if channels == 1 else "RGB", background=(0, 0, 0))
+    w, h = picture.size
+    if abs((w / h) / (width / height) - 1.0) > ASPECT_TOLERANCE:
+        raise UserError(f"condition image {path} is {w}x{h} but the image is {width}x{height} (width x height): "
+                        "their shapes differ, so it would be distorted; crop or pad it to the same aspect ratio, "
+                        "or change height/width")
+    picture = picture.resize((width, height), Image.Resampling.BILINEAR)
     data = torch.from_numpy(np.asarray(picture).copy()).reshape(height, width, channels)
     return (data.permute(2, 0, 1).float() / 255.0)[None]
+
+
+def check_condition(spec: ConditionSpec, height: int, width: int, where: str = "condition") -> None:
+    """Everything about a condition that can be checked without the UNet: kind, weights, model folder class and
+    the image (readable, same shape as the output)."""
+    check_spec(spec, where)
+    check_model_folder(spec.kind, spec.model)
+    read_condition_image(spec.image, height, width, 3)
 
 
 class LoadedCondition:
@@ -67,12 +121,9 @@ class LoadedCondition:
 
     def __init__(self, spec: ConditionSpec, unet: UNet2DConditionModel, vae_factor: int, height: int, width: int,
                  text_length: int = 77):
-        if spec.kind not in KINDS:
-            raise UserError(f"condition type {spec.kind!r} is not one of {', '.join(KINDS)}")
+        check_spec(spec)
         cls = T2IAdapter if spec.kind == "t2i-adapter" else ControlNetModel
-        if not Path(spec.model).is_dir():
-            raise UserError(f"condition model {spec.model} is not a folder: give a local diffusers {cls.__name__} "
-                            "folder")
+        check_model_folder(spec.kind, spec.model)
         self.spec, self.text_length, self._maps = spec, text_length, {}
         device, dtype = unet.device, unet.dtype
         try:
@@ -83,6 +134,9 @@ class LoadedCondition:
         if missing:
             raise UserError(f"{spec.model}: its weights do not cover its config ({len(missing)} tensors missing or "
                             f"mis-shaped, e.g. {missing[0]}); the folder is damaged or mixed up")
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise UserError(f"{spec.model}: weight {bad} contains NaN or Inf; the file is damaged")
         self.model = model.to(device, dtype).eval()
         blocks = list(unet.config.block_out_channels)
         latent = (height // vae_factor, width // vae_factor)

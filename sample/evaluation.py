@@ -18,10 +18,11 @@ from diffusers import DDPMScheduler
 
 from shared.base import Base, load_base
 from shared.edlora import LayerwiseTextEncoder
+from shared.errors import InvalidArgument, UserError
 from shared.fused_model import expand_prompt, load_fused
 from shared.lora import lora_scale
 from shared.package import apply_concept, read_package
-from shared.sampling import generate
+from shared.sampling import check_setting, check_size, generate
 
 TIMESTEPS = (99, 299, 499, 699, 899)
 
@@ -44,25 +45,58 @@ def _noise_predictions(base: Base, states: torch.Tensor, clean: torch.Tensor, no
     return torch.stack(outs)
 
 
+def unique_labels(models: list[Path]) -> list[str]:
+    """A label per model: its folder name, or its whole path where two folders share a name."""
+    names = [Path(m).name for m in models]
+    labels = [n if names.count(n) == 1 else str(m) for n, m in zip(names, models)]
+    if len(set(labels)) != len(labels):
+        twice = next(label for label in labels if labels.count(label) > 1)
+        raise InvalidArgument("model", f"{twice} is given twice: name each model once")
+    return labels
+
+
+def _checked_packages(packages: list[Path]) -> list[tuple[Path, object, int]]:
+    """(folder, metadata, resolution) of every package, all read and checked before any model is loaded."""
+    out, names = [], set()
+    for package in packages:
+        meta, _ = read_package(package)
+        if meta.name in names:
+            raise InvalidArgument("concept", f"{package}: concept {meta.name} is given twice: name each once")
+        names.add(meta.name)
+        value = meta.training.get("resolution", 512)
+        try:
+            resolution = check_setting("height", value, "resolution")
+        except InvalidArgument as exc:
+            raise UserError(f"concept package {package}: training resolution {exc.message}") from None
+        out.append((Path(package), meta, int(resolution)))
+    return out
+
+
 @torch.no_grad()
 def fidelity(models: list[Path], packages: list[Path], base_path: Path | None = None, device: str = "cpu",
              dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, dict[str, float]]:
-    """{concept: {model label: ratio}} for every package and every fused model (NaN: model lacks it)."""
+    """{concept: {model label: ratio}} for every package and every fused model (NaN: model lacks it). Labels are
+    the models' folder names (whole paths where two share a name)."""
+    seed = int(check_setting("seed", seed))
+    labels = unique_labels(models)
+    checked = _checked_packages(packages)
     fused = []
-    for path in models:
+    for label, path in zip(labels, models):
         base, encoder, concepts = load_fused(path, device, dtype)
-        fused.append((Path(path).name, base, encoder, concepts))
+        fused.append((label, base, encoder, concepts))
     if base_path is None:
         from shared.fused_model import read_concepts
 
         base_path = Path(read_concepts(models[0])["base"])
     results: dict[str, dict[str, float]] = {}
-    for package in packages:
-        meta, _ = read_package(package)
+    for package, meta, resolution in checked:
         single = load_base(base_path, device, dtype)
+        try:
+            check_size(single, resolution, resolution, ("resolution", "resolution"))
+        except InvalidArgument as exc:
+            raise UserError(f"concept package {package}: training resolution {exc.message}") from None
         _, single_encoder = apply_concept(single, package)
         prompts = meta.prompts()
-        resolution = int(meta.training.get("resolution", 512))
         clean = sample_latents(single, single_encoder, prompts, resolution, seed)
         gen = torch.Generator().manual_seed(seed + 1)
         noise = torch.randn((len(TIMESTEPS), *clean.shape), generator=gen).to(device, dtype)
@@ -71,12 +105,16 @@ def fidelity(models: list[Path], packages: list[Path], base_path: Path | None = 
         with lora_scale([single.unet, single.text_encoder], 0.0):
             eps_base = _noise_predictions(single, single_encoder.encode(prompts), clean, noise)
         reference = (eps_single - eps_base).norm()
+        if not bool(torch.isfinite(reference)) or float(reference) == 0.0:
+            raise UserError(f"concept package {package}: its LoRA does not change the base's noise predictions "
+                            f"(||ε_single − ε_base|| = {float(reference):g}), so the fidelity ratio is undefined; "
+                            "is the package trained?")
         results[meta.name] = {}
         for label, base, encoder, concepts in fused:
             if meta.name not in {c["name"] for c in concepts}:
                 results[meta.name][label] = float("nan")  # this model does not hold the concept
                 continue
-            text = [t.format(f"<{meta.name}>") for t in meta.prompt_templates]
+            text = [t.replace("{}", f"<{meta.name}>") for t in meta.prompt_templates]
             fused_states = encoder.encode([expand_prompt(p, concepts) for p in text])
             eps = _noise_predictions(base, fused_states, clean, noise)
             results[meta.name][label] = float((eps - eps_single).norm() / reference)

@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 from shared.errors import InvalidArgument, UserError
+from shared.validate import number
+
+MAX_LORA_SCALE = 4.0  # 0 = the base weights, 1 = as trained; far beyond 1 the LoRA only breaks the model
 
 
 @dataclass
@@ -38,13 +41,20 @@ Fuser = Callable[[Path, list[Path], Path], None]  # (base, packages, out folder)
 
 def load_scene_model(scene, device: torch.device, dtype: torch.dtype, base_config: Path | None = None,
                      lora_weight: float = 1.0, fuser: Fuser | None = None) -> SceneModel:
-    """The model `scene`'s model fields name; several packages are fused first by `fuser`."""
+    """The model `scene`'s model fields name; several packages are fused first by `fuser`. `lora_weight`
+    scales the LoRA of one package applied to a base (anything but 1 is refused for other models)."""
     from shared.base import load_base
     from shared.edlora import LayerwiseTextEncoder, TokenMap, cross_attention_layers, install_layer_processors
     from shared.fused_model import apply_fused_lora, load_fused
     from shared.lora import lora_scale
     from shared.package import apply_concept
 
+    lora_weight = float(number("lora_weight", lora_weight, 0.0, MAX_LORA_SCALE))
+    single = scene.model is None and scene.base is not None and scene.fused_lora is None and len(scene.concepts) == 1
+    if lora_weight != 1.0 and not single:
+        raise InvalidArgument("lora_weight", f"{lora_weight:g} would be ignored: it scales the LoRA of one concept "
+                              "package applied to a base; a fused model, a fused LoRA or several packages carry "
+                              "their own scales")
     if scene.model is not None:
         if scene.base is not None or scene.fused_lora is not None or scene.concepts:
             raise InvalidArgument("model", "give a fused model alone, or a base with a fused LoRA or concept packages")

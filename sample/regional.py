@@ -36,15 +36,19 @@ class Box:
 
     @classmethod
     def parse(cls, values, where: str = "box") -> Box:
-        """A Box from four numbers, or a UserError saying what is wrong."""
-        try:
-            top, left, bottom, right = (float(v) for v in values)
-        except (TypeError, ValueError):
-            raise UserError(f"{where} must be four numbers [top, left, bottom, right], got {values!r}") from None
-        if not all(0.0 <= v <= 1.0 for v in (top, left, bottom, right)):
-            raise UserError(f"{where} {list(values)} lies outside [0, 1]: give fractions of the image")
+        """A Box from four finite numbers, fractions in [0, 1] with top < bottom and left < right, or a
+        UserError naming `where` and saying what is wrong."""
+        if not isinstance(values, (list, tuple)) or len(values) != 4 or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise UserError(f"{where} must be four numbers [top, left, bottom, right], got {values!r}")
+        top, left, bottom, right = (float(v) for v in values)
+        shown = [float(v) for v in values]
+        if not all(math.isfinite(v) for v in shown):
+            raise UserError(f"{where} {shown} is not finite: give fractions of the image in [0, 1]")
+        if not all(0.0 <= v <= 1.0 for v in shown):
+            raise UserError(f"{where} {shown} lies outside [0, 1]: give fractions of the image")
         if bottom <= top or right <= left:
-            raise UserError(f"{where} {list(values)} is empty: bottom must exceed top and right must exceed left")
+            raise UserError(f"{where} {shown} is empty: bottom must exceed top and right must exceed left")
         return cls(top, left, bottom, right)
 
     def mask(self, h: int, w: int) -> torch.Tensor:

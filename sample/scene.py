@@ -11,12 +11,21 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-from sample.conditions import KINDS, ConditionHook, ConditionSpec, LoadedCondition
+from sample.conditions import (
+    KINDS,
+    ConditionHook,
+    ConditionSpec,
+    LoadedCondition,
+    check_condition,
+    check_spec,
+    check_weight,
+)
 from sample.regional import Box, RegionalProcessor, RegionLayout, install_regional_processors
 from shared.base import Base
 from shared.edlora import LayerwiseTextEncoder
 from shared.errors import InvalidArgument, UserError
-from shared.sampling import SCHEDULERS, denoise, latent_shape
+from shared.sampling import LIMITS, check_scheduler, check_setting, denoise, latent_shape
+from shared.validate import read_text
 
 
 @dataclass
@@ -56,18 +65,21 @@ BOX_WEIGHT_KEYS = {"box", "weight"}
 
 def _check_keys(data, known: set[str], where: str) -> dict:
     if not isinstance(data, dict):
-        raise UserError(f"{where} must be a mapping of keys ({', '.join(sorted(known))}), got {type(data).__name__}")
-    unknown = sorted(set(data) - known)
+        got = "nothing (the document is empty)" if data is None else type(data).__name__
+        raise UserError(f"{where} must be a mapping of keys ({', '.join(sorted(known))}), got {got}")
+    unknown = sorted((k for k in data if k not in known), key=str)
     if unknown:
         raise UserError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
     return data
 
 
-def _number(value, kind, where: str):
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{where} must be a{'n integer' if kind is int else ' number'}, got {value!r}") from None
+def _list(value, where: str) -> list:
+    """A list field: a list, or empty when absent or null."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"{where} must be a list, got {type(value).__name__}")
+    return value
 
 
 def _text(value, where: str) -> str:
@@ -76,49 +88,60 @@ def _text(value, where: str) -> str:
         return ""
     if not isinstance(value, str):
         raise UserError(f"{where} must be text, got {value!r}")
+    if "\x00" in value:
+        raise UserError(f"{where} contains a NUL character")
     return value
 
 
-def _path(value, relative_to: Path) -> Path:
-    path = Path(str(value)).expanduser()
+def _path(value, relative_to: Path, where: str) -> Path:
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise UserError(f"{where} must be a path (text), got {value!r}")
+    path = Path(value).expanduser()
     return path if path.is_absolute() else relative_to / path
 
 
 def _regions(items, where: str) -> list[Region]:
     regions = []
-    for i, item in enumerate(items or []):
+    for i, item in enumerate(_list(items, f"{where}: regions")):
         here = f"{where}: regions[{i}]"
         item = _check_keys(item, REGION_KEYS, here)
         if not isinstance(item.get("prompt"), str) or "box" not in item:
-            raise UserError(f"{here} needs a 'prompt' and a 'box' [top, left, bottom, right]")
-        regions.append(Region(item["prompt"], Box.parse(item["box"], f"{here}.box"),
+            raise UserError(f"{here} needs a 'prompt' (text) and a 'box' [top, left, bottom, right]")
+        regions.append(Region(_text(item["prompt"], f"{here}.prompt"), Box.parse(item["box"], f"{here}.box"),
                               _text(item.get("negative"), f"{here}.negative")))
     return regions
 
 
 def _conditions(items, where: str, relative_to: Path) -> list[ConditionSpec]:
     conditions = []
-    for i, item in enumerate(items or []):
+    for i, item in enumerate(_list(items, f"{where}: conditions")):
         here = f"{where}: conditions[{i}]"
         item = _check_keys(item, CONDITION_KEYS, here)
         missing = [k for k in ("type", "model", "image") if k not in item]
         if missing:
             raise UserError(f"{here} needs {', '.join(repr(k) for k in missing)}")
-        if item["type"] not in KINDS:
+        if not isinstance(item["type"], str) or item["type"] not in KINDS:
             raise UserError(f"{here}.type {item['type']!r} is not one of {', '.join(KINDS)}")
         boxes = []
-        for j, bw in enumerate(item.get("boxes") or []):
+        for j, bw in enumerate(_list(item.get("boxes"), f"{here}.boxes")):
             bw = _check_keys(bw, BOX_WEIGHT_KEYS, f"{here}.boxes[{j}]")
-            boxes.append((Box.parse(bw.get("box"), f"{here}.boxes[{j}].box"),
-                          _number(bw.get("weight", 1.0), float, f"{here}.boxes[{j}].weight")))
-        conditions.append(ConditionSpec(item["type"], _path(item["model"], relative_to),
-                                        _path(item["image"], relative_to),
-                                        _number(item.get("weight", 1.0), float, f"{here}.weight"), boxes))
+            if "box" not in bw:
+                raise UserError(f"{here}.boxes[{j}] needs a 'box' [top, left, bottom, right]")
+            boxes.append((Box.parse(bw["box"], f"{here}.boxes[{j}].box"),
+                          check_weight(bw.get("weight", 1.0), f"{here}.boxes[{j}].weight")))
+        conditions.append(ConditionSpec(item["type"], _path(item["model"], relative_to, f"{here}.model"),
+                                        _path(item["image"], relative_to, f"{here}.image"),
+                                        check_weight(item.get("weight", 1.0), f"{here}.weight"), boxes))
     return conditions
 
 
 def scene_from_dict(data: dict, where: str, relative_to: Path = Path(".")) -> Scene:
-    """A Scene from parsed YAML; relative paths are taken from the YAML file's folder."""
+    """A Scene from parsed YAML (or the flags' values); relative paths are taken from the YAML file's folder.
+
+    A bad sampler setting (seed, steps, guidance, height, width, batch, scheduler) is an InvalidArgument named
+    by its key; everything else a UserError that starts with `where`."""
     data = _check_keys(data, SCENE_KEYS, where)
     if not isinstance(data.get("prompt"), str):
         raise UserError(f"{where}: 'prompt' (the global prompt, a string) is required")
@@ -129,39 +152,58 @@ def scene_from_dict(data: dict, where: str, relative_to: Path = Path(".")) -> Sc
         concepts = [concepts]
     if not isinstance(concepts, list):
         raise UserError(f"{where}: concepts must be a list of concept package folders")
-    scene = Scene(prompt=data["prompt"], negative=_text(data.get("negative"), f"{where}: negative"), regions=regions,
-                  conditions=conditions, concepts=[_path(c, relative_to) for c in concepts])
-    for key, kind in (("seed", int), ("steps", int), ("guidance", float), ("height", int), ("width", int),
-                      ("batch", int)):
+    scene = Scene(prompt=_text(data["prompt"], f"{where}: prompt"), negative=_text(data.get("negative"),
+                  f"{where}: negative"), regions=regions, conditions=conditions,
+                  concepts=[_path(c, relative_to, f"{where}: concepts[{i}]") for i, c in enumerate(concepts)])
+    for key in LIMITS:
         if key in data:
-            setattr(scene, key, _number(data[key], kind, f"{where}: {key}"))
+            setattr(scene, key, check_setting(key, data[key]))
     if "scheduler" in data:
-        scene.scheduler = str(data["scheduler"])
+        scene.scheduler = check_scheduler(data["scheduler"])
     for key in ("model", "base", "fused_lora"):
         if data.get(key) is not None:
-            setattr(scene, key, _path(data[key], relative_to))
+            setattr(scene, key, _path(data[key], relative_to, f"{where}: {key}"))
     check_scene(scene, where)
     return scene
 
 
 def read_scene(path: Path) -> Scene:
-    """Parse and check a scene YAML file."""
+    """Parse and check a scene YAML file: UTF-8 text, YAML, a mapping of known keys of the right types and
+    ranges; an error names the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgument("config", f"{path} is not a file")
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise InvalidArgument("config", f"{path} cannot be read ({exc})") from exc
+        text = read_text(path, "scene file")
+    except UserError as exc:
+        raise InvalidArgument("config", str(exc)) from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InvalidArgument("config", f"{path} is not valid YAML ({exc})") from exc
-    return scene_from_dict(data, str(path), Path(path).resolve().parent)
+        detail = " ".join(str(exc).split())
+        raise InvalidArgument("config", f"{path} is not valid YAML ({detail})") from exc
+    except RecursionError as exc:
+        raise InvalidArgument("config", f"{path} nests too deeply to be a scene") from exc
+    try:
+        return scene_from_dict(data, str(path), path.resolve().parent)
+    except InvalidArgument as exc:
+        raise UserError(f"{path}: {exc.argument}: {exc.message}") from exc
 
 
 def check_scene(scene: Scene, where: str) -> None:
-    if scene.scheduler not in SCHEDULERS:
-        raise UserError(f"{where}: scheduler {scene.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    if scene.steps < 1 or scene.batch < 1:
-        raise UserError(f"{where}: steps and batch must be at least 1")
-    if scene.height < 8 or scene.width < 8:
-        raise UserError(f"{where}: height and width must be positive multiples of the VAE factor")
+    """The scene's settings are in range and its conditions well formed (no file is opened)."""
+    check_scheduler(scene.scheduler)
+    for key in LIMITS:
+        check_setting(key, getattr(scene, key))
+    for i, spec in enumerate(scene.conditions):
+        check_spec(spec, f"{where}: conditions[{i}]")
+
+
+def preflight(scene: Scene) -> None:
+    """Open what a scene names before any model is loaded: each condition's model folder (its class) and image
+    (readable, the scene's aspect ratio)."""
+    for i, spec in enumerate(scene.conditions):
+        check_condition(spec, scene.height, scene.width, f"condition {i + 1}")
 
 
 # -- rendering -----------------------------------------------------------------------------------------------
@@ -179,13 +221,14 @@ def regional_processors(base: Base) -> RegionLayout:
 def render(base: Base, encoder: LayerwiseTextEncoder, scene: Scene, expand=lambda text: text,
            output_type: str = "pil", show_progress: bool = False) -> list[Image.Image] | torch.Tensor:
     """The scene's images. `expand` turns concept names in prompts into the model's words."""
+    check_scene(scene, "scene")
+    latent = latent_shape(base, 1, scene.height, scene.width)[-2:]  # the size checked before any work
     layout = regional_processors(base)
     batch = scene.batch
     texts = [expand(scene.prompt)] + [expand(r.prompt) for r in scene.regions]
     negatives = [expand(scene.negative)] + [expand(r.negative) for r in scene.regions]
     positive = torch.cat([encoder.encode([t] * batch) for t in texts], dim=1)
     negative = torch.cat([encoder.encode([t] * batch) for t in negatives], dim=1)
-    latent = latent_shape(base, 1, scene.height, scene.width)[-2:]
     factor = scene.height // latent[0]
     conditions = [LoadedCondition(spec, base.unet, factor, scene.height, scene.width, base.tokenizer.model_max_length)
                   for spec in scene.conditions]

@@ -11,7 +11,10 @@ from collections.abc import Iterator
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.helpers import rescale_adapter_scale
+from peft.tuners.lora import LoraLayer
+
+from shared.validate import number
 
 ADAPTER = "default"
 UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -56,14 +59,12 @@ def import_lora(model: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix
 
 @contextlib.contextmanager
 def lora_scale(models: list[torch.nn.Module], scale: float) -> Iterator[None]:
-    """Multiply every LoRA update in `models` by `scale` inside the block (0 = base weights)."""
-    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        for name in layer.active_adapters:
-            layer.set_scale(name, scale)
-    try:
+    """Multiply every LoRA update in `models` by `scale` inside the block (0 = base weights), through PEFT's
+    `rescale_adapter_scale`: the scales in force before (a caller's own, an outer block's) are restored on exit,
+    and blocks nest by multiplying. Models without LoRA layers are left alone."""
+    scale = number("scale", scale)
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if any(isinstance(m, LoraLayer) for m in model.modules()):
+                stack.enter_context(rescale_adapter_scale(model, scale))
         yield
-    finally:
-        for layer in layers:
-            for name in layer.active_adapters:
-                layer.set_scale(name, 1.0)

@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 
 from shared.base import Base
 from shared.edlora import LayerwiseTextEncoder
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, UserError
+from shared.validate import number
 
 SCHEDULERS = {
     "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++"),
@@ -22,19 +23,56 @@ SCHEDULERS = {
 }
 
 
+MAX_SEED = 2**32 - 1
+LIMITS: dict[str, tuple[float, float, bool]] = {  # setting: (lowest, highest, integer), both ends allowed
+    "seed": (0, MAX_SEED, True),
+    "steps": (1, 1000, True),
+    "guidance": (1.0, 100.0, False),  # below 1 diffusers switches guidance off: 1 is "none"
+    "height": (8, 4096, True),
+    "width": (8, 4096, True),
+    "batch": (1, 64, True),
+}
+
+
+def check_setting(name: str, value, argument: str | None = None) -> float | int:
+    """A sampler setting (a key of LIMITS) as a finite number of its type in its range, or InvalidArgument
+    naming `argument` (default: the setting's own name)."""
+    low, high, integer = LIMITS[name]
+    return number(argument or name, value, low, high, integer=integer)
+
+
+def check_scheduler(name, argument: str = "scheduler") -> str:
+    """A scheduler name of SCHEDULERS, or InvalidArgument naming `argument`."""
+    if not isinstance(name, str) or name not in SCHEDULERS:
+        raise InvalidArgument(argument, f"{name!r} is not one of {', '.join(SCHEDULERS)}")
+    return name
+
+
 def make_scheduler(base: Base, name: str):
-    try:
-        return SCHEDULERS[name](base.scheduler.config)
-    except KeyError:
-        raise InvalidArgument("scheduler", f"{name!r} is not one of {', '.join(SCHEDULERS)}") from None
+    """A fresh scheduler `name` (a key of SCHEDULERS) from the base's scheduler config."""
+    return SCHEDULERS[check_scheduler(name)](base.scheduler.config)
+
+
+def vae_factor(base: Base) -> int:
+    """Pixels per latent cell along each side."""
+    return 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
+def check_size(base: Base, height: int, width: int, arguments: tuple[str, str] = ("height", "width")) -> None:
+    """Height and width this base can sample (positive multiples of 2 x its VAE factor, within LIMITS), or
+    InvalidArgument naming the offending one of `arguments`."""
+    step = vae_factor(base) * 2
+    for value, name, argument in ((height, "height", arguments[0]), (width, "width", arguments[1])):
+        check_setting(name, value, argument)
+        if value % step:
+            raise InvalidArgument(argument, f"{value} is not a multiple of {step}: this base samples sizes in steps "
+                                  f"of {step} pixels (e.g. {max(step, value // step * step)})")
 
 
 def latent_shape(base: Base, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(batch, channels, h, w) of the latents for an image of height x width (checked)."""
-    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
-    if height % (factor * 2) or width % (factor * 2) or height <= 0 or width <= 0:
-        raise InvalidArgument("height", f"height and width must be positive multiples of {factor * 2} for this base, "
-                        f"got {height}x{width}")
+    check_size(base, height, width)
+    factor = vae_factor(base)
     return batch, base.unet.config.in_channels, height // factor, width // factor
 
 
@@ -59,7 +97,13 @@ def denoise(base: Base, positive: torch.Tensor, negative: torch.Tensor, seed: in
             guidance: float = 7.5, height: int = 512, width: int = 512, scheduler: str = "dpm++",
             output_type: str = "pil", show_progress: bool = False) -> list[Image.Image] | torch.Tensor:
     """diffusers' StableDiffusionPipeline on ready text states (one image per batch row), seeded latents;
-    `show_progress` shows the pipeline's own step bar."""
+    `show_progress` shows the pipeline's own step bar. Every setting is checked against LIMITS first."""
+    for name, value in (("seed", seed), ("steps", steps), ("guidance", guidance)):
+        check_setting(name, value)
+    for states in (positive, negative):
+        if not bool(torch.isfinite(states).all()):
+            raise UserError("the prompts' text states contain NaN or Inf: the text encoder or a concept's "
+                            "embedding is damaged")
     pipe = StableDiffusionPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
         scheduler=make_scheduler(base, scheduler), safety_checker=None, feature_extractor=None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -10,12 +9,14 @@ import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from sample.clip_eval import ClipScorer, reference_images
+from sample.scene import Scene, render
+from shared.fused_model import expand_prompt, load_fused
+from shared.validate import parse_json
 from tests.test_base_and_cli import run_cli
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tiny_base, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+def build_tiny_clip(tiny_base, folder):
+    """A tiny random CLIPModel folder (the tiny base's tokenizer, 32 px images) at `folder`."""
     tokenizer = CLIPTokenizer.from_pretrained(str(tiny_base / "tokenizer"))
     torch.manual_seed(0)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -30,6 +31,11 @@ def tiny_clip(tiny_base, tmp_path_factory):
         shutil.copy(f, folder / f.name)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tiny_base, tmp_path_factory):
+    return build_tiny_clip(tiny_base, tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 def test_scores_follow_their_definitions(tiny_clip, toys):
@@ -55,7 +61,7 @@ def test_eval_clip_cli(tiny_clip, fused_three, toys, tmp_path, monkeypatch, caps
     code, stdout, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err
     assert "red-circle" in stdout and "image-alignment" in stdout
-    results = json.loads(out.read_text())
+    results = parse_json(out.read_text(), str(out))  # strict JSON: no NaN
     for name, cls in (("red-circle", "toy"), ("blue-square", "ball")):
         r = results["concepts"][name]
         assert r["images"] == 4 and len(r["samples"]) == 4
@@ -63,6 +69,18 @@ def test_eval_clip_cli(tiny_clip, fused_three, toys, tmp_path, monkeypatch, caps
         assert all(0.0 <= s["text_alignment"] <= 2.5 and -1.0 <= s["image_alignment"] <= 1.0 for s in r["samples"])
         mean = sum(s["text_alignment"] for s in r["samples"]) / 4
         assert abs(r["text_alignment"] - mean) < 1e-9
+        assert sorted((s["prompt"], s["seed"]) for s in r["samples"]) == sorted(
+            (p.replace("{}", f"<{name}>"), seed) for p in ("a photo of a {}", "a {} on the grass") for seed in (0, 1))
+    # one sample recomputed independently: the scene rendered by the library and scored by a fresh scorer
+    base, encoder, concepts = load_fused(fused_three["gradient"])
+    scene = Scene(prompt="a {} on the grass".replace("{}", "<blue-square>"), seed=1, steps=2, height=64, width=64)
+    image = render(base, encoder, scene, lambda t: expand_prompt(t, concepts))[0]
+    scorer = ClipScorer(tiny_clip)
+    sample = next(s for s in results["concepts"]["blue-square"]["samples"]
+                  if s["seed"] == 1 and s["prompt"] == scene.prompt)
+    assert abs(sample["text_alignment"] - float(scorer.text_alignment([image], "a ball on the grass")[0])) < 1e-5
+    ref = scorer.images(reference_images(toys / "blue-square"))
+    assert abs(sample["image_alignment"] - float(scorer.image_alignment([image], ref)[0])) < 1e-5
     # a concept the model lacks, a folder that is not CLIP: one clear error each
     bad = args.copy()
     bad[bad.index(f"red-circle={toys / 'red-circle'}")] = f"purple-star={toys / 'red-circle'}"
@@ -72,3 +90,23 @@ def test_eval_clip_cli(tiny_clip, fused_three, toys, tmp_path, monkeypatch, caps
     bad[bad.index(str(tiny_clip))] = str(tmp_path)
     code, _, err = run_cli(bad, monkeypatch, capsys)
     assert code == 2 and "not a CLIP model folder" in err
+
+
+def test_reference_images_in_every_mode(tmp_path):
+    """16-bit greyscale is scaled (not clipped to white), transparency is composited onto white, masks are
+    skipped, and the order is by file name."""
+    import numpy as np
+    from PIL import Image
+
+    grey = (np.arange(32 * 32).reshape(32, 32) * 255 // (32 * 32 - 1)).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "a_eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "b_sixteen.png")
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 2] = 255
+    rgba[16:, :, 3] = 255  # bottom half opaque blue, top half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "c_alpha.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "c_alpha_mask.png")
+    eight, sixteen, alpha = (np.asarray(i).astype(int) for i in reference_images(tmp_path))
+    assert np.abs(eight - sixteen).max() <= 1 and sixteen.min() == 0
+    assert (alpha[:16] == 255).all()  # transparent: white
+    assert (alpha[16:] == [0, 0, 255]).all()
