@@ -1,4 +1,4 @@
-"""The center node's fusion (DESIGN §2.3): packages in, one fused model out.
+"""The center node's fusion (docs/design.md §2.3): packages in, one fused model out.
 
 Order, as in the method: (1) every concept's layer-wise tokens under collision-free names;
 (2) text-encoder layers from the clients' Grams; (3) cross-attention k/v, whose inputs the
@@ -35,7 +35,15 @@ from shared.errors import InvalidArgument, UserError
 from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, qualified, read_concepts
 from shared.fusion import DEFAULT_LAM, METHODS, Term, apply_lowrank, fuse_site
 from shared.grams import GramRecorder, group_sites, is_text_side, site_of
-from shared.package import META_FILE, PACKAGE_FILES, WEIGHTS_FILE, ConceptMeta, check_against_base, read_package
+from shared.package import (
+    META_FILE,
+    PACKAGE_FILES,
+    WEIGHTS_FILE,
+    ConceptMeta,
+    check_against_base,
+    fill_template,
+    read_package,
+)
 from shared.sampling import generate
 from shared.stats_file import STATS_FILE, Stats
 from shared.storage import sha256_file
@@ -102,7 +110,7 @@ def concept_record(src: Source, n_layers: int) -> dict:
 
 def qualified_prompts(record: dict) -> list[str]:
     phrase = " ".join(record["tokens"])
-    return [t.format(phrase) for t in record["prompt_templates"]]
+    return [fill_template(t, phrase) for t in record["prompt_templates"]]
 
 
 class Fusion:

@@ -41,6 +41,11 @@ DEFAULT_TEMPLATES = ("photo of a {}", "a {}", "a close-up of {}", "a good photo 
                      "a {} on the grass", "a {} in a room", "a painting of {}", "a rendering of a {}")
 
 
+def fill_template(template: str, phrase: str) -> str:
+    """A prompt template with its one `{}` replaced by the concept's phrase (other braces stay as written)."""
+    return template.replace("{}", phrase, 1)
+
+
 @dataclass
 class ConceptMeta:
     """Contents of concept.json."""
@@ -70,7 +75,7 @@ class ConceptMeta:
         return " ".join(self.words)
 
     def prompts(self) -> list[str]:
-        return [t.format(self.phrase) for t in self.prompt_templates]
+        return [fill_template(t, self.phrase) for t in self.prompt_templates]
 
     def to_json(self) -> str:
         data = dict(self.__dict__, lora_scale=self.lora_scale)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,8 +23,8 @@ def test_compose_structure_and_references():
             assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source.startswith("./deploy"):
-                assert (ROOT / source).parent.exists(), f"{name}: {source}"
+            if source.startswith("./deploy"):  # the certificates: where make-certs.sh writes them by default
+                assert source == "./deploy/certs", f"{name}: {source}"
     link = " ".join(services["superlink"]["command"])
     assert "--ssl-certfile=/certs/superlink.crt" in link and "--ssl-ca-certfile=/certs/ca.crt" in link
     for node in ("supernode-1", "supernode-2"):
@@ -31,3 +35,19 @@ def test_compose_structure_and_references():
     assert "MIXSHOW_S3_ENDPOINT" in services["superlink"]["environment"]
     assert (ROOT / "deploy" / "make-certs.sh").stat().st_mode & 0o111
     assert (ROOT / "docs" / "deploy.md").is_file()
+
+
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl, ssh-keygen")
+def test_make_certs_writes_every_file_the_compose_file_mounts(tmp_path):
+    """Every /certs/<file> the services name is produced by deploy/make-certs.sh, and the TLS chain verifies."""
+    compose_text = (ROOT / "docker-compose.yml").read_text()
+    named = set(re.findall(r"/certs/([A-Za-z0-9._-]+)", compose_text))
+    assert named, "the compose file names no certificate"
+    out = tmp_path / "certs"
+    subprocess.run(["bash", str(ROOT / "deploy" / "make-certs.sh"), str(out), "superlink", "2"], check=True,
+                   capture_output=True, timeout=120)
+    missing = sorted(n for n in named if not (out / n).is_file())
+    assert not missing, f"make-certs.sh does not write {missing}"
+    check = subprocess.run(["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "superlink.crt")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "OK" in check.stdout, check.stderr

@@ -27,6 +27,9 @@ from shared.storage import open_store
 from tests.conftest import TOY_WORDS
 from tests.test_base_and_cli import run_cli
 
+pytestmark = pytest.mark.slow  # real SuperLink/SuperNode processes: minutes, not seconds
+
+
 BIN = Path(sys.executable).parent
 
 

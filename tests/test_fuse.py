@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -72,6 +71,7 @@ def test_stats_file_layout(three_packages):
     assert stats.normalised(key, 32).shape == (32, 32)
 
 
+@pytest.mark.slow
 def test_packings(tiny_base, three_packages, tmp_path, capsys):
     """Against fusion from the recorded float64 Grams: tri32 holds full32's numbers; lowrank32 is exact to
     float32 rounding; tri16 keeps each Gram within 1e-3 and PSD; the default `compact` keeps the fused
@@ -258,13 +258,18 @@ def test_remove_unknown_name(fused_three, tmp_path, monkeypatch, capsys):
     assert code == 2 and "no concept of that name" in err and not (tmp_path / "x").exists()
 
 
-def test_cli_fuse_prints_the_table(tiny_base, three_packages, tmp_path, monkeypatch, capsys):
+def test_cli_fuse_prints_the_table(tiny_base, three_packages, fused_three, tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["fuse", "--base", str(tiny_base), *sum((["--concept", str(p)] for p in three_packages),
                                                                       []), "--out", str(tmp_path / "f")],
                              monkeypatch, capsys)
     assert code == 0, err
     assert "identity loss" in out and "red-circle" in out
-    assert sys.modules["server.fuse"]  # the CLI went through the server's fusion
+    # the CLI's fusion is the library's: the same weights as fuse() with its defaults, and the table shows the
+    # report it wrote
+    assert _max_rel(_weights(tmp_path / "f"), _weights(fused_three["gradient"])) <= 1e-6
+    report = json.loads((tmp_path / "f" / "fusion_report.json").read_text())
+    mean = report["concepts"]["red-circle"]["mean"]["fused"]
+    assert f"{mean:.4f}" in out
 
 
 def test_preserve_keeps_generic_prompts_closer_to_the_base(tiny_base, three_packages, fused_three, tmp_path):

@@ -136,3 +136,35 @@ def test_wrong_credentials_are_one_clear_error(s3_with_auth, tmp_path, monkeypat
                              monkeypatch, capsys)
     assert code == 2 and "check the S3 credentials" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "pulled").exists()
+
+
+def test_s3_client_with_a_ca_bundle_keeps_minios_timeouts_and_retries(tmp_path):
+    from shared.storage import S3_RETRIES, s3_http_client
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read until a TLS connection is made")
+    pool = s3_http_client(str(ca))
+    kw = pool.connection_pool_kw
+    assert kw["ca_certs"] == str(ca) and kw["cert_reqs"] == "CERT_REQUIRED"
+    assert kw["timeout"].connect_timeout == 300 and kw["timeout"].read_timeout == 300
+    assert kw["retries"].total == S3_RETRIES and 503 in kw["retries"].status_forcelist
+
+
+def test_download_stops_at_the_announced_size(tmp_path):
+    """An endless (hostile) stream is read one byte past the manifest's size, then refused: the disk never fills."""
+    import contextlib
+    import hashlib
+
+    from shared.download import download_verified
+
+    class Endless:
+        read_total = 0
+
+        def read(self, n):
+            Endless.read_total += n
+            return b"x" * n
+
+    with pytest.raises(IntegrityError, match="more than"):
+        download_verified(lambda: contextlib.nullcontext(Endless()), tmp_path / "f.bin",
+                          hashlib.sha256(b"x").hexdigest(), 1000, "test")
+    assert Endless.read_total == 1001 and not list(tmp_path.iterdir())
