@@ -23,10 +23,17 @@ def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the
     import os
     import sys
 
+    from cli.options import words_list
     from client.dataset import load_examples
+    from client.round import check_client_name
     from shared.base import check_base_folder
-    from shared.errors import UserError
+    from shared.errors import InvalidArgument, UserError
+    from shared.validate import number
 
+    number("port", port, 1, 65535, integer=True)
+    if not words_list(words):
+        raise InvalidArgument("words", "is empty: give the concept's new words, e.g. '<cat1> <cat2>'")
+    check_client_name(name or data.resolve().name)
     load_examples(data)
     if Path(base).is_dir():
         check_base_folder(Path(base))

@@ -25,10 +25,16 @@ def run(base: Path = Base, base_config: Path = BaseConfig,
     """Record the Grams of every adapted layer's inputs into PKG/stats.safetensors (raw activations never kept)."""
     from rich import print
 
-    from client.stats import compute_stats
+    from client.dataset import load_examples
+    from client.stats import check_stats_args, compute_stats
     from shared.base import load_base
     from shared.device import parse_device, parse_dtype
+    from shared.package import read_package
 
+    check_stats_args(source, samples, data, steps, seed, pack)  # everything cheap is checked before the base loads
+    read_package(concept)
+    if source == "train":
+        load_examples(data)
     model = load_base(base, parse_device(device), parse_dtype(dtype), base_config)
     path = compute_stats(model, concept, source, samples, data, steps, seed, pack)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

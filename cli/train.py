@@ -23,7 +23,8 @@ def run(base: Path = Base, base_config: Path = BaseConfig,
         masked_loss: bool = typer.Option(None, "--masked-loss/--no-masked-loss"),
         mixed_precision: str = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16"),
         gradient_checkpointing: bool = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-        sample_every: int = typer.Option(None, "--sample-every", help="write a sample grid every N steps"),
+        preview: str = typer.Option(None, "--preview", help="preview grids: none | end (default) | 'every N'"),
+        sample_every: int = typer.Option(None, "--sample-every", help="old form of --preview 'every N' (0: end)"),
         checkpoint_every: int = typer.Option(None, "--checkpoint-every"),
         seed: int = typer.Option(None, "--seed"),
         name: str = typer.Option(None, "--name", help="package name (default: the --out folder's name)"),
@@ -31,26 +32,40 @@ def run(base: Path = Base, base_config: Path = BaseConfig,
         stats_source: str = typer.Option("sample", "--stats-source", help="sample | train (see `mixshow stats`)"),
         device: str = Device, dtype: str = Dtype) -> None:
     """Train one concept as an ED-LoRA and write its concept package (resumes after a crash or Ctrl-C)."""
+    import copy
+
     from rich import print
 
     from client.config import load_config
+    from client.stats import check_stats_args, compute_stats
     from client.train import train_concept
+    from shared.base import load_base
     from shared.device import parse_device, parse_dtype
+    from shared.errors import InvalidArgument
 
     overrides = dict(steps=steps, batch_size=batch_size, resolution=resolution, rank=rank,
                      layerwise=None if plain is None else not plain, masked_loss=masked_loss,
                      mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                     sample_every=sample_every, checkpoint_every=checkpoint_every, seed=seed)
+                     preview=preview, sample_every=sample_every, checkpoint_every=checkpoint_every, seed=seed)
     cfg = load_config(config, overrides)
-    pkg, losses = train_concept(base, data, words_list(words), class_word, out, cfg, parse_device(device),
-                                parse_dtype(dtype), base_config, name)
-    first, last = losses[:10], losses[-10:]
     if stats:
-        from client.stats import compute_stats
-        from shared.base import load_base
-
-        fresh = load_base(base, parse_device(device), parse_dtype(dtype), base_config)
-        path = compute_stats(fresh, pkg, stats_source, data=data)
+        try:
+            check_stats_args(stats_source, None, data, 20, 0)
+        except InvalidArgument as exc:
+            raise InvalidArgument("stats_source" if exc.argument == "source" else exc.argument, exc.message) from None
+    torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
+    model = base
+    pristine = None
+    if stats:  # load the base once: train on it, record the statistics on an untouched copy
+        model = load_base(base, torch_device, torch_dtype, base_config)
+        pristine = copy.deepcopy(model)
+    pkg, losses = train_concept(model, data, words_list(words), class_word, out, cfg, torch_device, torch_dtype,
+                                base_config, name)
+    first, last = losses[:10], losses[-10:]
+    if pristine is not None:
+        path = compute_stats(pristine, pkg, stats_source, data=data)
         print(f"statistics written to {path}")
-    print(f"package written to {pkg}  (loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f}; "
-          f"preview grid {pkg / 'samples' / 'final.png'})")
+    grid = pkg / "samples" / "final.png"
+    preview_note = f"; preview grid {grid}" if grid.is_file() else ""
+    print(f"package written to {pkg}  (loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f}"
+          f"{preview_note})")

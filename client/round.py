@@ -6,21 +6,37 @@ through presigned PUT URLs for exactly this client's keys (S3) or into a file://
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
 import json
+import re
+import shutil
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.config import load_config
+from client.config import TrainConfig, load_config
 from client.stats import compute_stats
 from client.train import train_concept
 from protos import mixshow_pb2 as pb
 from shared.base import load_base
 from shared.device import parse_device, parse_dtype
-from shared.errors import UserError
+from shared.errors import InvalidArgument, UserError
 from shared.package import META_FILE, PACKAGE_FILES, read_package
+from shared.sampling import MAX_SEED
 from shared.stats_file import STATS_FILE
 from shared.storage import open_store, sha256_file
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_client_name(name: str) -> str:
+    """A client's name becomes a folder and object-store key part: letters, digits, '.', '_', '-' only."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise InvalidArgument("name", f"{name!r} must be 1-100 letters, digits, '.', '_' or '-' (starting with a "
+                              "letter or digit), e.g. 'alice-cat'")
+    return name
 
 
 @dataclass
@@ -36,6 +52,13 @@ class NodeSettings:
     device: str = "cpu"
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        check_client_name(self.name)
+        if not self.words:
+            raise InvalidArgument("words", "is empty: give the concept's new words, e.g. '<cat1> <cat2>'")
+        if not self.class_word.strip():
+            raise InvalidArgument("class_word", "is empty: give a one-token class word such as 'cat'")
+
     @classmethod
     def from_node_config(cls, cfg: dict) -> NodeSettings:
         missing = [k for k in ("name", "data-dir", "words", "class-word", "base") if k not in cfg]
@@ -46,29 +69,59 @@ class NodeSettings:
                    str(cfg.get("device", "cpu")), str(cfg.get("dtype", "float32")))
 
 
-def package_for(config: pb.RoundConfig, node: NodeSettings) -> tuple[Path, bool]:
-    """This node's package for the round's base: reused if already trained (unless told to retrain)."""
-    pkg = node.work_dir / config.base_fingerprint[:16] / node.name
-    if pkg.is_dir() and (pkg / STATS_FILE).is_file() and not config.retrain:
-        meta, _ = read_package(pkg)
-        if meta.base_fingerprint == config.base_fingerprint:
-            return pkg, True
-    if pkg.exists():
-        import shutil
+def client_seed(name: str) -> int:
+    """A client's training seed: sha256 of its whole name (so `client-1` and `client-2` differ), as 32 bits."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest(), "little") % (MAX_SEED + 1)
 
+
+def round_train_config(config: pb.RoundConfig, name: str) -> TrainConfig:
+    """The training settings of a round: its steps and resolution (or the defaults), this client's seed,
+    a checkpoint every tenth of the training (resumed if the client is killed), short previews."""
+    cfg = load_config(None, {"steps": config.steps or None, "resolution": config.resolution or None,
+                             "sample_steps": 4, "seed": client_seed(name)})
+    return dataclasses.replace(cfg, checkpoint_every=max(1, cfg.steps // 10))
+
+
+def _finished_package(pkg: Path, fingerprint: str) -> bool:
+    """`pkg` is a readable package of the round's base (its stats may still be missing)."""
+    try:
+        meta, _ = read_package(pkg)
+    except UserError:
+        return False
+    return meta.base_fingerprint == fingerprint
+
+
+def package_for(config: pb.RoundConfig, node: NodeSettings) -> tuple[Path, bool]:
+    """This node's package for the round's base: reused if already trained (unless told to retrain).
+
+    The base is loaded once: training changes its own copy, the statistics are recorded on a pristine
+    deep copy. Training checkpoints into `<pkg>.work/`; a client killed mid-training resumes from there
+    in the next round (a checkpoint of other settings is discarded). A trained package whose statistics
+    are missing only gets its statistics.
+    """
+    if not re.fullmatch(r"[0-9a-f]{64}", config.base_fingerprint):
+        raise UserError(f"the round's base fingerprint {config.base_fingerprint[:80]!r} is not a sha256")
+    pkg = node.work_dir / config.base_fingerprint[:16] / node.name
+    work = pkg.with_name(pkg.name + ".work")
+    finished = _finished_package(pkg, config.base_fingerprint)
+    if finished and (pkg / STATS_FILE).is_file() and not config.retrain:
+        return pkg, True
+    if config.retrain and pkg.exists():
+        shutil.rmtree(work, ignore_errors=True)  # a retrain starts over
+        finished = False
+    if pkg.exists() and not finished:
         shutil.rmtree(pkg)
     device, dtype = parse_device(node.device), parse_dtype(node.dtype)
     base = load_base(node.base, device, dtype)
     if base.fingerprint != config.base_fingerprint:
         raise UserError(f"node {node.name}: its base {node.base} is {base.fingerprint[:12]}, the round's is "
                         f"{config.base_fingerprint[:12]}")
-    seed = int.from_bytes(node.name.encode()[:4].ljust(4, b"\0"), "little")  # independent clients, distinct seeds
-    cfg = load_config(None, {"steps": config.steps or None, "resolution": config.resolution or None,
-                             "checkpoint_every": 0, "sample_steps": 4, "seed": seed})
-    train_concept(node.base, node.data_dir, node.words, node.class_word, pkg, cfg, device, dtype, name=node.name,
-                  show_progress=False)
-    compute_stats(load_base(node.base, device, dtype), pkg, samples=config.stats_samples or None,
-                  show_progress=False)
+    if not finished:
+        pristine = copy.deepcopy(base)
+        train_concept(base, node.data_dir, node.words, node.class_word, pkg, round_train_config(config, node.name),
+                      name=node.name, show_progress=False, restart_stale=True)
+        base = pristine
+    compute_stats(base, pkg, samples=config.stats_samples or None, show_progress=False)
     return pkg, False
 
 

@@ -15,14 +15,15 @@ import torch
 from diffusers import DDPMScheduler
 from rich.progress import Progress
 
-from client.dataset import augment, expand_caption, load_examples
+from client.dataset import Example, augment, expand_caption, load_examples
 from shared.base import Base
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, UserError
 from shared.grams import GramRecorder, group_sites, is_text_side
 from shared.package import WEIGHTS_FILE, ConceptMeta, apply_concept
-from shared.sampling import generate
-from shared.stats_file import DEFAULT_PACKING, STATS_FILE, gram_key, write_stats
+from shared.sampling import LIMITS, MAX_SEED, generate
+from shared.stats_file import DEFAULT_PACKING, PACKINGS, STATS_FILE, gram_key, write_stats
 from shared.storage import sha256_file
+from shared.validate import number
 
 
 def client_sites(meta: ConceptMeta) -> dict[str, dict[str, list[str]]]:
@@ -31,19 +32,50 @@ def client_sites(meta: ConceptMeta) -> dict[str, dict[str, list[str]]]:
             "unet": group_sites([m for m in meta.unet_modules if not is_text_side(m)])}
 
 
+SOURCES = ("sample", "train")
+MAX_SAMPLES = 100_000
+
+
+def check_stats_args(source: str, samples: int | None, data: Path | None, steps: int, seed: int,
+                     packing: str = DEFAULT_PACKING) -> int | None:
+    """Check compute_stats' settings before any work (InvalidArgument names the bad one); returns `samples`."""
+    if source not in SOURCES:
+        raise InvalidArgument("source", f"{source!r} must be 'sample' or 'train'")
+    if source == "train" and data is None:
+        raise InvalidArgument("data", "source 'train' needs the concept's training images folder")
+    if samples is not None:
+        samples = number("samples", samples, 1, MAX_SAMPLES, integer=True)
+    number("steps", steps, 1, LIMITS["steps"][1], integer=True)
+    number("seed", seed, 0, MAX_SEED - (samples or 0), integer=True)
+    if packing not in PACKINGS:
+        raise InvalidArgument("packing", f"{packing!r} is not one of {', '.join(PACKINGS)}")
+    return samples
+
+
+def package_resolution(meta: ConceptMeta, package: Path) -> int:
+    """The resolution a package was trained at (its concept.json's training.resolution; 512 if absent)."""
+    value = meta.training.get("resolution", 512)
+    if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= LIMITS["height"][1]:
+        raise UserError(f"concept package {package}: training.resolution {value!r} in its concept.json is not a "
+                        "usable image size; is the package damaged?")
+    return value
+
+
 @torch.no_grad()
 def compute_stats(base: Base, package: Path, source: str = "sample", samples: int | None = None,
                   data: Path | None = None, steps: int = 20, seed: int = 0, packing: str = DEFAULT_PACKING,
                   show_progress: bool = True) -> Path:
-    """Record the package's Grams on `base` and write PKG/stats.safetensors; return its path."""
-    if source not in ("sample", "train"):
-        raise InvalidArgument("source", f"{source!r} must be 'sample' or 'train'")
-    if source == "train" and data is None:
-        raise InvalidArgument("data", "source 'train' needs the concept's training images folder")
+    """Record the package's Grams on `base` and write PKG/stats.safetensors; return its path.
+
+    `samples` None: one per prompt template. Every setting and the package are checked before any
+    work; nothing is written unless the whole recording succeeds.
+    """
+    samples = check_stats_args(source, samples, data, steps, seed, packing)
+    examples = load_examples(Path(data)) if source == "train" else None
     meta, encoder = apply_concept(base, package)
     sites = client_sites(meta)
     prompts = meta.prompts()
-    resolution = int(meta.training.get("resolution", 512))
+    resolution = package_resolution(meta, Path(package))
     samples = samples or len(prompts)
     grams, rows, aliases = {}, {}, {}
 
@@ -59,7 +91,7 @@ def compute_stats(base: Base, package: Path, source: str = "sample", samples: in
                          height=resolution, width=resolution)
                 progress.advance(task)
         else:
-            _record_training_latents(base, encoder, meta, data, samples, resolution, seed, progress, task)
+            _record_training_latents(base, encoder, meta, examples, samples, resolution, seed, progress, task)
     _collect("unet", rec, sites["unet"], grams, rows, aliases)
 
     path = Path(package) / STATS_FILE
@@ -79,10 +111,9 @@ def _collect(model: str, rec: GramRecorder, sites: dict[str, list[str]], grams: 
             aliases[f"{model}.{m}"] = key
 
 
-def _record_training_latents(base: Base, encoder, meta: ConceptMeta, data: Path, samples: int, resolution: int,
-                             seed: int, progress: Progress, task) -> None:
+def _record_training_latents(base: Base, encoder, meta: ConceptMeta, examples: list[Example], samples: int,
+                             resolution: int, seed: int, progress: Progress, task) -> None:
     """UNet forwards at random timesteps over the client's own noised training latents."""
-    examples = load_examples(Path(data))
     gen = torch.Generator().manual_seed(seed)
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
     for i in range(samples):

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from client.config import TrainConfig
 from client.dataset import Example, augment, expand_caption, load_examples
-from client.resume import load_checkpoint, save_checkpoint
+from client.resume import checkpoint_identity, load_checkpoint, save_checkpoint
 from shared.atomic import check_fresh_output, staged_dir
 from shared.base import Base, load_base
 from shared.edlora import (
@@ -125,6 +125,10 @@ def sample_grid(concept: Concept, cfg: TrainConfig, path: Path, prompts: list[st
     image_grid(rows, prompts, [f"lora x{s}" for s in cfg.sample_scales]).save(path)
 
 
+class Diverged(UserError):
+    """The loss or a trained parameter became NaN or Inf."""
+
+
 class Trainer:
     """The training loop: batches, noise, loss, optimizer step, checkpoints, previews."""
 
@@ -148,6 +152,7 @@ class Trainer:
             base.text_encoder.gradient_checkpointing_enable()
         for model in (base.unet, base.text_encoder):
             model.train()
+        self.start = self.count = 0  # the step training (re)started from; steps taken so far
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         cfg, gen = self.cfg, self.gen
@@ -194,12 +199,16 @@ class Trainer:
         return loss
 
     def step(self) -> float:
+        """One optimizer step; a non-finite loss or parameter is a UserError (the training diverged)."""
+        self.count += 1
         rows = self.c.embedding.rows
         before = rows.detach().clone()
         frozen = None
         if self.cfg.emb_norm_threshold is not None:
             frozen = before.norm(dim=-1) >= self.cfg.emb_norm_threshold
         loss = self.loss(*self.batch())
+        if not bool(torch.isfinite(loss.detach())):
+            raise self.diverged(f"the loss is {float(loss.detach())}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if frozen is not None and rows.grad is not None:
@@ -209,13 +218,26 @@ class Trainer:
         if frozen is not None and bool(frozen.any()):
             with torch.no_grad():  # weight decay and momentum would still move frozen rows
                 rows[frozen] = before[frozen]
+        bad = next((name for name, p in self.params.items() if not bool(torch.isfinite(p.detach()).all())), None)
+        if bad is not None:
+            raise self.diverged(f"{bad} became NaN or Inf")
         return float(loss.detach())
+
+    def diverged(self, what: str) -> Diverged:
+        cfg = self.cfg
+        return Diverged(f"training diverged at step {self.count}: {what}; lower the learning rates (lr_unet "
+                         f"{cfg.lr_unet:g}, lr_text {cfg.lr_text:g}, lr_embedding {cfg.lr_embedding:g}) and train "
+                         "again; no package was written")
 
     def run(self, work: Path, identity: dict, on_step: Callable[[int, float], None] | None = None,
             show_progress: bool = True) -> list[float]:
-        """Train to cfg.steps from the last checkpoint in `work`; checkpoint on Ctrl-C and every N steps."""
+        """Train to cfg.steps from the last checkpoint in `work`; checkpoint on Ctrl-C and every N steps.
+
+        If the training diverges, `work` (whose checkpoints could only lead to the same divergence) is removed.
+        """
         cfg = self.cfg
         start, losses = load_checkpoint(work, self.params, self.optimizer, self.gen, identity)
+        self.start = self.count = start
         columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
         with Progress(*columns, disable=not show_progress) as progress:
@@ -231,44 +253,82 @@ class Trainer:
                         on_step(step, losses[-1])
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                         save_checkpoint(work, step, self.params, self.optimizer, self.gen, identity, losses)
-                    if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+                    if cfg.preview_every and step % cfg.preview_every == 0 and step < cfg.steps:
                         sample_grid(self.c, cfg, work / "samples" / f"step_{step:06d}.png")
             except KeyboardInterrupt:
                 save_checkpoint(work, step, self.params, self.optimizer, self.gen, identity, losses)
                 raise
+            except Diverged:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
         return losses
 
 
-def train_concept(base_path: Path, data: Path, words: list[str], class_word: str, out: Path, cfg: TrainConfig,
-                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+# Settings that do not change the training's trajectory: a checkpoint stays valid when they change.
+NOT_IN_IDENTITY = ("steps", "checkpoint_every", "preview", "sample_steps", "sample_guidance", "sample_scales")
+
+
+def check_resolution(base: Base, resolution: int) -> None:
+    """The training resolution must be a multiple of what the base's VAE and UNet divide it by."""
+    step = 2 ** (len(base.vae.config.block_out_channels) - 1) * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    if resolution % step:
+        raise InvalidArgument("resolution", f"{resolution} is not a multiple of {step}, which the base {base.source} "
+                              f"needs (e.g. {max(step, resolution // step * step)})")
+
+
+def check_out(out: Path) -> None:
+    """`out` can become a new package folder: it is free (or an empty folder) and no parent is a file."""
+    check_fresh_output(out, "out")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InvalidArgument("out", f"{parent} is a file, so {out} cannot be created there")
+
+
+def train_concept(base: Path | str | Base, data: Path, words: list[str], class_word: str, out: Path,
+                  cfg: TrainConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   base_config: Path | None = None, name: str | None = None, show_progress: bool = True,
-                  on_step: Callable[[int, float], None] | None = None) -> tuple[Path, list[float]]:
+                  on_step: Callable[[int, float], None] | None = None,
+                  restart_stale: bool = False) -> tuple[Path, list[float]]:
     """Train one concept and write its package at `out` (atomically). Returns (out, losses).
 
-    A crash or Ctrl-C leaves a checkpoint in `<out>.work/`; the same call resumes from it.
+    `base` is a base's path (loaded here on `device`/`dtype`) or an already loaded `Base`, which the
+    training changes (new tokens, LoRA adapters): pass a copy if it is needed afterwards.
+    A crash or Ctrl-C leaves a checkpoint in `<out>.work/`; the same call resumes from it. A checkpoint
+    of different settings is refused, or with `restart_stale` removed and the training started over.
+    With cfg.preview "none" the package has no samples/ folder.
     """
     out = Path(out)
-    check_fresh_output(out, "out")
+    cfg.check()
+    check_out(out)
     examples = load_examples(Path(data))
+    if isinstance(base, Base):
+        device, dtype = base.device, base.dtype
     if cfg.mixed_precision == "fp16" and torch.device(device).type != "cuda":
         raise InvalidArgument("mixed_precision", "fp16 needs a CUDA device; use bf16 or no on the CPU")
     if dtype != torch.float32 and cfg.mixed_precision == "no":
         raise InvalidArgument("dtype", "a half-precision dtype needs mixed_precision fp16 or bf16 for training")
-    base = load_base(base_path, device, dtype, base_config)
+    if not isinstance(base, Base):
+        base = load_base(base, device, dtype, base_config)
+    check_resolution(base, cfg.resolution)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     concept = prepare_concept(base, words, class_word, cfg, name or out.name, gen)
     identity = {"base": base.fingerprint, "words": list(words), "class_word": class_word, "data": str(Path(data)),
-                "config": {k: v for k, v in cfg.to_dict().items() if k != "steps"}}
+                "config": {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_IDENTITY}}
     work = out.with_name(out.name + ".work")
+    if restart_stale and checkpoint_identity(work) not in (None, identity):
+        shutil.rmtree(work)
     t0 = time.time()
-    losses = Trainer(concept, examples, cfg, gen).run(work, identity, on_step, show_progress)
+    trainer = Trainer(concept, examples, cfg, gen)
+    losses = trainer.run(work, identity, on_step, show_progress)
     for model in (base.unet, base.text_encoder):
         model.eval()
     with staged_dir(out) as stage:
         tensors = concept.tensors()
-        concept.meta.training = dict(cfg.to_dict(), seconds=round(time.time() - t0, 1), final_loss=losses[-1])
-        sample_grid(concept, cfg, work / "samples" / "final.png")
+        concept.meta.training = dict(cfg.to_dict(), seconds=round(time.time() - t0, 1), final_loss=losses[-1],
+                                     resumed_from=trainer.start)
+        if cfg.preview != "none":
+            sample_grid(concept, cfg, work / "samples" / "final.png")
+            shutil.copytree(work / "samples", stage / "samples")
         save_package(stage, concept.meta, tensors)
-        shutil.copytree(work / "samples", stage / "samples")
     shutil.rmtree(work, ignore_errors=True)
     return out, losses

@@ -23,9 +23,9 @@ TOY_WORDS = {"red-circle": (["<redcir1>", "<redcir2>"], "toy"), "blue-square": (
 
 
 def tiny_config(**kw) -> TrainConfig:
-    """Training settings sized for the tiny base on a CPU."""
+    """Training settings sized for the tiny base on a CPU; no preview grids unless a test asks for them."""
     values = dict(steps=100, resolution=64, batch_size=2, sample_steps=3, checkpoint_every=0, lr_unet=1e-3,
-                  lr_text=1e-4, templates=["photo of a {}", "a {} on the grass"])
+                  lr_text=1e-4, templates=["photo of a {}", "a {} on the grass"], preview="none")
     values.update(kw)
     return TrainConfig(**values)
 
