@@ -59,7 +59,7 @@ ADD_REPS = 5  # timed runs of each incremental add in (c)
 FUSE_REPS = 3  # runs of the full fusion in (a); the first also gives the peak memory
 CF_REPS = 5  # runs of each layer's closed form in (b)
 GOAL_SPEEDUP, GOAL_ADD_RATIO, GOAL_STATS_MB, GOAL_PACKED = 1000.0, 1.5, 100.0, 1e-3
-DESIGN_SECONDS = 8.0  # DESIGN §2.3: all 104 sites, 14 concepts, fp64, 2 cores, unoptimised
+DESIGN_SECONDS = 8.0  # docs/design.md §2.3: all 104 sites, 14 concepts, fp64, 2 cores, unoptimised
 
 
 # -- layers ------------------------------------------------------------------------------------------------
@@ -551,7 +551,7 @@ def main() -> None:
           f"({n_te} text encoder + {res['layers'] - n_te} UNet), {N} concepts from Grams (fused LoRA rank "
           f"{res['rank_out']}): {res['fuse_s']:.2f} s wall, median of {FUSE_REPS} runs ({res['fuse_range'][0]:.2f}-"
           f"{res['fuse_range'][1]:.2f}; first run {res['fuse_first_s']:.2f}) | goal ~{DESIGN_SECONDS:.0f} s "
-          f"(DESIGN 2.3); peak memory of the first run "
+          f"(docs/design.md 2.3); peak memory of the first run "
           f"+{res['peak_mb']:.0f} MiB over the {res['base_mb'] / 1024:.1f} GiB resident before the step (float64 "
           f"Grams of {N + 1} concepts, i.e. with the one (c) adds, held in memory; {how}) | goal: the fused LoRAs "
           f"({res['out_mb']:.0f} MiB float64) plus a few d x d buffers, one site at a time "

@@ -27,7 +27,7 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # PyYAML reads `
 
 @dataclass
 class TrainConfig:
-    """Every knob of ED-LoRA training (DESIGN §2.1). YAML keys are these field names.
+    """Every knob of ED-LoRA training (docs/design.md §2.1). YAML keys are these field names.
 
     `preview`: "none" (no preview grid, no samples/ folder in the package), "end" (one grid of
     prompts x `sample_scales` after training, the default) or "every N" (a grid every N steps and at the end).

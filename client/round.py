@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import re
 import shutil
 import urllib.request
@@ -23,7 +22,7 @@ from protos import mixshow_pb2 as pb
 from shared.base import load_base
 from shared.device import parse_device, parse_dtype
 from shared.errors import InvalidArgument, UserError
-from shared.package import META_FILE, PACKAGE_FILES, read_package
+from shared.package import PACKAGE_FILES, read_package
 from shared.sampling import MAX_SEED
 from shared.stats_file import STATS_FILE
 from shared.storage import open_store, sha256_file
@@ -150,9 +149,8 @@ def upload(config: pb.RoundConfig, pkg: Path) -> list[pb.FileEntry]:
 def take_part(config: pb.RoundConfig, node: NodeSettings) -> pb.ConceptManifest:
     """Everything a client does in a round; the returned manifest is all that goes back through Flower."""
     pkg, reused = package_for(config, node)
-    meta = json.loads((pkg / META_FILE).read_text())
+    meta, _ = read_package(pkg)
     files = upload(config, pkg)
-    return pb.ConceptManifest(round_id=config.round_id, client=node.name, concept_name=meta["name"],
-                              words=meta["words"], class_word=meta["class_word"],
-                              prompts=[t.format(" ".join(meta["words"])) for t in meta["prompt_templates"]],
-                              base_fingerprint=meta["base_fingerprint"], files=files, reused=reused)
+    return pb.ConceptManifest(round_id=config.round_id, client=node.name, concept_name=meta.name,
+                              words=meta.words, class_word=meta.class_word, prompts=meta.prompts(),
+                              base_fingerprint=meta.base_fingerprint, files=files, reused=reused)

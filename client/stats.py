@@ -1,4 +1,4 @@
-"""A client's activation statistics (DESIGN §2.2): Grams of the inputs of every adapted layer,
+"""A client's activation statistics (docs/design.md §2.2): Grams of the inputs of every adapted layer,
 recorded while the concept's own single-concept model runs on its own concept.
 
 Text-encoder sites: while encoding the concept's prompt templates (every layer-wise copy).

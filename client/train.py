@@ -1,4 +1,4 @@
-"""ED-LoRA training of one concept on a client (DESIGN §2.1), ending in a concept package."""
+"""ED-LoRA training of one concept on a client (docs/design.md §2.1), ending in a concept package."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CLIP scores of generated images (DESIGN §2.5), with a CLIP model from a local folder.
+"""CLIP scores of generated images (docs/design.md §2.5), with a CLIP model from a local folder.
 
     text-alignment   2.5 · max(cos(image, prompt with the concept replaced by its class word), 0)
     image-alignment  mean cosine between a generated image and each of the concept's reference images
@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sample.images import open_image
 from shared.errors import InvalidArgument, UserError
+from shared.images import WHITE, open_image
 from shared.validate import read_json
 
 TEXT_WEIGHT = 2.5
@@ -87,4 +87,4 @@ def reference_images(folder: Path) -> list[Image.Image]:
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask"))
     if not paths:
         raise UserError(f"reference folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return [open_image(p, "reference image", "RGB", background=(255, 255, 255)) for p in paths]
+    return [open_image(p, "reference image", WHITE) for p in paths]

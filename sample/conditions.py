@@ -18,10 +18,10 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
 from PIL import Image
 
-from sample.images import open_image
 from sample.regional import Box, level_sizes
 from shared.edlora import LayerSliceProcessor, cross_attention_layers
 from shared.errors import UserError
+from shared.images import BLACK, open_image
 from shared.validate import number, read_json
 
 KINDS = ("t2i-adapter", "controlnet")
@@ -97,7 +97,9 @@ def read_condition_image(path: Path, height: int, width: int, channels: int = 3)
     """(1, channels, height, width) in [0, 1] (channels 1: greyscale, 3: RGB), resized to the image size;
     UserError when it cannot be read or its aspect ratio differs from the image's (it would be distorted).
     Any Pillow mode: 16-bit greyscale is scaled by its depth, transparent pixels become black."""
-    picture = open_image(path, "condition image", "L" if channels == 1 else "RGB", background=(0, 0, 0))
+    picture = open_image(path, "condition image", BLACK)
+    if channels == 1:
+        picture = picture.convert("L")
     w, h = picture.size
     if abs((w / h) / (width / height) - 1.0) > ASPECT_TOLERANCE:
         raise UserError(f"condition image {path} is {w}x{h} but the image is {width}x{height} (width x height): "

@@ -1,4 +1,4 @@
-"""End-to-end fusion fidelity (DESIGN §2.5 b): noise predictions of a fused model against each
+"""End-to-end fusion fidelity (docs/design.md §2.5 b): noise predictions of a fused model against each
 concept's single-concept model, on the same latents, timesteps and seeds.
 
     ratio_i = ||ε_fused − ε_single|| / ||ε_single − ε_base||

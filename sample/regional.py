@@ -1,4 +1,4 @@
-"""Regionally controllable sampling (DESIGN §2.4): a global prompt everywhere, each region's prompt
+"""Regionally controllable sampling (docs/design.md §2.4): a global prompt everywhere, each region's prompt
 inside its box, in every cross-attention layer, with each layer reading its own layer-wise slice.
 
 Text states travel through the pipeline as one tensor: the global prompt's layer-wise states

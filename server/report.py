@@ -1,4 +1,4 @@
-"""Fusion report: how much of each concept's own change survives, per layer (DESIGN §2.3).
+"""Fusion report: how much of each concept's own change survives, per layer (docs/design.md §2.3).
 
     e_i = tr((W − W_i) Ĝ_i (W − W_i)ᵀ) / tr(dW_i Ĝ_i dW_iᵀ)   (0 = fully kept, 1 = as if never trained)
 

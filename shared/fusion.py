@@ -1,4 +1,4 @@
-"""Gradient fusion in closed form (DESIGN §2.3): Grams in, weights out. Pure functions, no I/O.
+"""Gradient fusion in closed form (docs/design.md §2.3): Grams in, weights out. Pure functions, no I/O.
 
 Notation, per linear layer: base weight W0 (d_out x d_in); concept i has a LoRA
 dW_i = s_i B_i A_i and normalised Gram Ĝ_i = G_i / n_i of its inputs; S = Σ w_i Ĝ_i.

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from client.dataset import BACKGROUND, MIN_SIDE, load_examples, to_rgb
+from client.dataset import BACKGROUND, MIN_SIDE, load_examples
+from shared.images import to_rgb
 from tests.badinput import assert_clean_error
 from tests.conftest import TOY_WORDS, tiny_config
 
@@ -77,7 +78,7 @@ DATA_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "mask of another size": (lambda d: Image.new("L", (48, 48), 255).save(d / "05_mask.png"),
                              "must be the size of their image"),
     "mask all black": (lambda d: Image.new("L", (64, 64), 0).save(d / "05_mask.png"), "all black"),
-    "truncated mask": (lambda d: _truncate(d / "04_mask.png"), "cannot read image"),
+    "truncated mask": (lambda d: _truncate(d / "04_mask.png"), "cannot read mask"),
     "no images": (lambda d: [p.unlink() for p in d.glob("*.png")], "holds no images"),
 }
 

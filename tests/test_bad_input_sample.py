@@ -223,13 +223,13 @@ CASES = {
     "yaml-unknown-key": (lambda s, k: sample_yaml(s, k, guidence=5.0), "unknown key 'guidence'"),
     # sample: condition images and models
     "condition-image-not-an-image": (lambda s, k: sample_yaml(s, k, conditions=[condition(
-        s, k, broken(s / "broken.png"))]), "cannot be read as an image"),
+        s, k, broken(s / "broken.png"))]), "cannot read condition image"),
     "condition-image-truncated": (lambda s, k: sample_yaml(s, k, conditions=[condition(
         s, k, truncated_png(s / "cut.png"))]), "image file is truncated"),
     "condition-image-too-many-pixels": (lambda s, k: sample_yaml(s, k, conditions=[condition(
-        s, k, huge_png(s / "big.png", 9000, 9000))]), "9000x9000 pixels: too large"),
+        s, k, huge_png(s / "big.png", 9000, 9000))]), "9000x9000 pixels, more than the limit"),
     "condition-image-decompression-bomb": (lambda s, k: sample_yaml(s, k, conditions=[condition(
-        s, k, huge_png(s / "bomb.png", 30000, 30000))]), "too large"),
+        s, k, huge_png(s / "bomb.png", 30000, 30000))]), "too large to decode safely"),
     "condition-image-other-shape": (lambda s, k: sample_yaml(s, k, conditions=[condition(
         s, k, sketch(s / "wide.png", (128, 64)))]), "their shapes differ"),
     "condition-image-missing": (lambda s, k: sample_yaml(s, k, conditions=[condition(s, k, s / "nope.png")]),
@@ -251,9 +251,10 @@ CASES = {
     "clip-scheduler-unknown": (lambda s, k: clip_args(s, k, "--scheduler", "pndm"),
                                "--scheduler: 'pndm' is not one of"),
     "clip-reference-truncated": (lambda s, k: clip_args(s, k, refs=references(s, bad=truncated_png(s / "cut.png"))),
-                                 "cannot be read as an image (image file is truncated)"),
+                                 "cannot read reference image"),
     "clip-reference-bomb": (lambda s, k: clip_args(s, k, refs=references(s, bad=huge_png(s / "bomb.png", 30000,
-                                                                                            30000))), "too large"),
+                                                                                            30000))),
+                            "too large to decode safely"),
     "clip-text-encoder-as-clip": (lambda s, k: ["eval", "clip", "--clip", str(place(k.base / "text_encoder", s)),
                                                 "--model", str(place(k.fused, s)),
                                                 "--concept", f"red-circle={references(s)}"],

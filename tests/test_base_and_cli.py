@@ -64,7 +64,7 @@ def test_fingerprint_changes_with_the_weights(tiny_base, tmp_path):
 
 def _train_args(base, data, out, words="<clia1> <clia2>", cls="toy"):
     return ["train", "--base", str(base), "--data", str(data), "--words", words, "--class-word", cls,
-            "--out", str(out), "--steps", "2", "--resolution", "64"]
+            "--out", str(out), "--steps", "2", "--resolution", "64", "--preview", "none"]
 
 
 def _copy_concept(toys, tmp_path):

@@ -66,7 +66,6 @@ def test_eval_clip_cli(tiny_clip, fused_three, toys, tmp_path, monkeypatch, caps
         r = results["concepts"][name]
         assert r["images"] == 4 and len(r["samples"]) == 4
         assert {s["class_prompt"] for s in r["samples"]} == {f"a photo of a {cls}", f"a {cls} on the grass"}
-        assert all(0.0 <= s["text_alignment"] <= 2.5 and -1.0 <= s["image_alignment"] <= 1.0 for s in r["samples"])
         mean = sum(s["text_alignment"] for s in r["samples"]) / 4
         assert abs(r["text_alignment"] - mean) < 1e-9
         assert sorted((s["prompt"], s["seed"]) for s in r["samples"]) == sorted(
