@@ -37,6 +37,7 @@ def test_compose_structure_and_references():
     assert (ROOT / "docs" / "deploy.md").is_file()
 
 
+@pytest.mark.slow  # four RSA-4096 keys
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl, ssh-keygen")
 def test_make_certs_writes_every_file_the_compose_file_mounts(tmp_path):
     """Every /certs/<file> the services name is produced by deploy/make-certs.sh, and the TLS chain verifies."""

@@ -175,6 +175,7 @@ def test_add_then_remove_and_from_plus_add(tiny_base, three_packages, fused_thre
     assert names == ["red-circle", "blue-square"]
 
 
+@pytest.mark.slow
 def test_identical_words_both_survive(tiny_base, toys, tmp_path):
     from client.train import train_concept
 
