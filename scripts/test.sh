@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/ruff check .
-.venv/bin/lint-imports --no-cache --quiet 2>/dev/null || .venv/bin/lint-imports --no-cache
+.venv/bin/lint-imports --no-cache
 .venv/bin/python -m pytest -q "$@"

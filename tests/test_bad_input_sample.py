@@ -14,14 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from diffusers import ControlNetModel, T2IAdapter
 from PIL import Image
 
-from shared.base import load_base
 from tests.badinput import assert_clean_error
 from tests.test_clip_eval import build_tiny_clip
+from tests.test_regional import build_condition_models
 
 SIZE = 64
 
@@ -42,16 +40,7 @@ class Kit:
 
 @pytest.fixture(scope="module")
 def kit(tiny_base, three_packages, fused_three, tmp_path_factory) -> Kit:
-    root = tmp_path_factory.mktemp("bad-input-kit")
-    unet = load_base(tiny_base).unet
-    channels = list(unet.config.block_out_channels)
-    torch.manual_seed(0)
-    T2IAdapter(in_channels=3, channels=channels, num_res_blocks=1, downscale_factor=8,
-               adapter_type="full_adapter").save_pretrained(root / "adapter")
-    T2IAdapter(in_channels=3, channels=[c // 2 for c in channels], num_res_blocks=1, downscale_factor=8,
-               adapter_type="full_adapter").save_pretrained(root / "adapter-misfit")
-    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32)).save_pretrained(
-        root / "controlnet")
+    root = build_condition_models(tiny_base, tmp_path_factory.mktemp("bad-input-kit"))
     clip = build_tiny_clip(tiny_base, root / "tiny-clip")
     return Kit(tiny_base, fused_three["gradient"], three_packages[0], list(three_packages), root / "adapter",
                root / "adapter-misfit", root / "controlnet", clip)

@@ -23,10 +23,9 @@ from tests.test_base_and_cli import run_cli
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def condition_models(tiny_base, tmp_path_factory):
-    """A tiny T2I-Adapter, a tiny ControlNet (both fitting the tiny UNet), a misfit adapter, a sketch image."""
-    root = tmp_path_factory.mktemp("conditions")
+def build_condition_models(tiny_base, root):
+    """A tiny T2I-Adapter, a tiny ControlNet (both fitting the tiny UNet), a misfit adapter and a sketch image,
+    written into `root` (also used by tests/test_bad_input_sample.py)."""
     unet = load_base(tiny_base).unet
     channels = list(unet.config.block_out_channels)
     torch.manual_seed(0)
@@ -43,6 +42,11 @@ def condition_models(tiny_base, tmp_path_factory):
     ImageDraw.Draw(sketch).ellipse((8, 8, 40, 40), outline="white", width=3)
     sketch.save(root / "sketch.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def condition_models(tiny_base, tmp_path_factory):
+    return build_condition_models(tiny_base, tmp_path_factory.mktemp("conditions"))
 
 
 @pytest.fixture(scope="module")
