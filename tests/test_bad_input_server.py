@@ -351,3 +351,12 @@ def test_fused_lora_with_nan_is_refused(tiny_base, fused_three, tmp_path, monkey
                         "--prompt", "a photo", "--steps", "2", "--height", "64", "--width", "64", "--out", out],
                        tmp_path, "NaN or Inf", monkeypatch, capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, expect", [(["make-toy-concepts", "{out}", "--images", "0"], "--images"),
+                                          (["make-toy-concepts", "{out}", "--size", "-5"], "--size"),
+                                          (["make-toy-concepts", "{out}", "--n", "99"], "--n"),
+                                          (["make-tiny-base", "{out}", "--seed", "-1"], "--seed")])
+def test_fixture_verbs_check_their_numbers(args, expect, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "made"
+    assert_clean_error([a.replace("{out}", str(out)) for a in args], tmp_path, expect, monkeypatch, capsys, out=out)
