@@ -1,0 +1,247 @@
+"""The shapes base: a small Stable-Diffusion-shaped pipeline trained from scratch on the shapes world, on CPU.
+
+Same component classes and folder layout as SD 1.x: an AutoencoderKL (down-sampling factor 4: 64 px images,
+16 x 16 x 4 latents) trained first on world renders, then a UNet2DConditionModel with cross-attention at
+every resolution and a CLIPTextModel trained together on the latents of seeded scenes and their captions
+(10% of captions dropped, for classifier-free guidance), with SD's noise schedule. The CLIP BPE vocabulary
+is written locally and makes every world word one token. Training is resumable: a checkpoint (weights,
+optimizer moments, step) is written every `checkpoint_every` steps and at the end of each phase.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from shared.atomic import staged_dir, write_bytes_atomic
+from shared.clip_vocab import write_tokenizer_files
+from shared.validate import number
+from world.scenes import caption_variants, random_scene, render, world_words
+
+SIZE = 64
+MAX_TOKENS = 32  # world captions are at most ~25 tokens; a shorter context makes every cross-attention cheaper
+
+
+@dataclass
+class BaseTraining:
+    """Every setting of `make-shapes-base`."""
+
+    vae_steps: int = 700
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    steps: int = 3600
+    batch: int = 32
+    lr: float = 6e-4
+    warmup: int = 200
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 250
+    seed: int = 0
+    minutes: float = 50.0  # stop the UNet phase when the whole run reaches this budget (the weights so far are used)
+
+    def check(self) -> BaseTraining:
+        for name in ("vae_steps", "vae_batch", "steps", "batch", "checkpoint_every"):
+            number(name, getattr(self, name), 1, 10_000_000, integer=True)
+        number("warmup", self.warmup, 0, 10_000_000, integer=True)
+        for name in ("vae_lr", "lr"):
+            number(name, getattr(self, name), 0, 1, low_open=True)
+        number("caption_dropout", self.caption_dropout, 0, 1)
+        number("seed", self.seed, 0, 2**31, integer=True)
+        number("minutes", self.minutes, 0, 10_000, low_open=True)
+        return self
+
+
+def build_components(work: Path) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """The untrained components (the tokenizer's files are written into `work`)."""
+    vocab, merges = write_tokenizer_files(work / "tokenizer-src", world_words())
+    tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=MAX_TOKENS)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3,
+        max_position_embeddings=MAX_TOKENS, projection_dim=64, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        latent_channels=4, layers_per_block=1, norm_num_groups=32, sample_size=SIZE)
+    return tokenizer, text_encoder, unet, vae
+
+
+def sd_scheduler() -> PNDMScheduler:
+    """SD's noise schedule (scaled linear 0.00085..0.012 over 1000 steps), saved as SD folders save it."""
+    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+
+
+def scene_batch(first_seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
+    """Renders (count, 3, 64, 64) in [-1, 1] and captions of the seeded scenes first_seed ... first_seed+count-1."""
+    images, captions = [], []
+    for seed in range(first_seed, first_seed + count):
+        scene = random_scene(seed)
+        images.append(np.asarray(render(scene, SIZE).image, dtype=np.float32))
+        captions.append(caption_variants(scene, random.Random(seed + 1)))
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
+    return pixels, captions
+
+
+class Checkpoint:
+    """Weights + optimizer moments + progress of one training phase, in `work/<phase>.safetensors`."""
+
+    def __init__(self, work: Path, phase: str):
+        self.path, self.meta = work / f"{phase}.safetensors", work / f"{phase}.json"
+
+    def save(self, models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, step: int,
+             info: dict) -> None:
+        tensors = {f"model.{name}.{k}": v.detach().contiguous() for name, m in models.items()
+                   for k, v in m.state_dict().items()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().contiguous()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(self.path)
+        write_bytes_atomic(self.meta, json.dumps({"step": step, **info}).encode())
+
+    def load(self, models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None) -> dict | None:
+        if not self.meta.is_file() or not self.path.is_file():
+            return None
+        tensors = load_file(str(self.path))
+        for name, m in models.items():
+            prefix = f"model.{name}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if optimizer is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            for i, p in enumerate(params):
+                state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+                if state:
+                    optimizer.state[p] = state
+        return json.loads(self.meta.read_text())
+
+
+def _progress(label: str) -> Progress:
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn())
+
+
+def train_vae(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: bool = True) -> float:
+    """Reconstruction (MSE) + a small KL term on world renders; returns the latents' scaling factor 1/std."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    ckpt = Checkpoint(work, "vae")
+    state = ckpt.load({"vae": vae}, optimizer) or {"step": 0, "losses": []}
+    losses: list[float] = state["losses"]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vae.train()
+    with _progress("vae") as progress:
+        task = progress.add_task("vae", total=cfg.vae_steps, completed=state["step"], loss="-")
+        for step in range(state["step"], cfg.vae_steps):
+            pixels, _ = scene_batch(10_000_000 + step * cfg.vae_batch, cfg.vae_batch)
+            posterior = vae.encode(pixels).latent_dist
+            recon = vae.decode(posterior.sample(generator=gen)).sample
+            loss = F.mse_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            progress.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+                ckpt.save({"vae": vae}, optimizer, step + 1, {"losses": losses})
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        pixels, _ = scene_batch(20_000_000, 64)
+        std = float(vae.encode(pixels).latent_dist.mean.std())
+    return 1.0 / std
+
+
+def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
+                   vae: AutoencoderKL, scaling: float, cfg: BaseTraining, work: Path, deadline: float,
+                   show_progress: bool = True) -> dict:
+    """UNet + text encoder on noised latents of seeded scenes (epsilon prediction); stops at `deadline`."""
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ckpt = Checkpoint(work, "unet")
+    state = ckpt.load({"unet": unet, "text_encoder": text_encoder}, optimizer) or {"step": 0, "losses": []}
+    losses: list[float] = state["losses"]
+    noise_scheduler = DDPMScheduler.from_config(sd_scheduler().config)
+    gen = torch.Generator().manual_seed(cfg.seed + state["step"])
+    lr_at: Callable[[int], float] = lambda s: cfg.lr * min(1.0, (s + 1) / max(1, cfg.warmup)) * \
+        0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))  # noqa: E731
+    unet.train()
+    text_encoder.train()
+    step = state["step"]
+    with _progress("unet + text encoder") as progress:
+        task = progress.add_task("unet", total=cfg.steps, completed=step, loss="-")
+        while step < cfg.steps and time.monotonic() < deadline:
+            pixels, captions = scene_batch(step * cfg.batch, cfg.batch)
+            drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample(generator=gen) * scaling
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+            ids = tokenizer(captions, padding="max_length", truncation=True, max_length=MAX_TOKENS,
+                            return_tensors="pt").input_ids
+            pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+            loss = F.mse_loss(pred, noise)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(float(loss))
+            step += 1
+            progress.update(task, completed=step, loss=f"{np.mean(losses[-50:]):.4f}")
+            if step % cfg.checkpoint_every == 0:
+                ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step, {"losses": losses})
+    ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step, {"losses": losses})
+    return {"steps": step, "final_loss": float(np.mean(losses[-100:])) if losses else None}
+
+
+def make_shapes_base(out: Path, cfg: BaseTraining | None = None, work: Path | None = None,
+                     show_progress: bool = True) -> dict:
+    """Train the shapes base and write it as a diffusers folder at `out` (atomically); returns the run's record.
+
+    `work` (default `<out>.work`) keeps the checkpoints, so the same call resumes after an interruption.
+    """
+    cfg = (cfg or BaseTraining()).check()
+    out = Path(out)
+    work = Path(work or out.with_name(out.name + ".work"))
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    tokenizer, text_encoder, unet, vae = build_components(work)
+    scaling_file = work / "vae-scaling.json"
+    if scaling_file.is_file():
+        Checkpoint(work, "vae").load({"vae": vae}, None)
+        vae.eval().requires_grad_(False)
+        scaling = json.loads(scaling_file.read_text())["scaling_factor"]
+    else:
+        scaling = train_vae(vae, cfg, work, show_progress)
+        write_bytes_atomic(scaling_file, json.dumps({"scaling_factor": scaling}).encode())
+    vae.register_to_config(scaling_factor=scaling)
+    record = train_denoiser(tokenizer, text_encoder, unet, vae, scaling, cfg, work,
+                            start + cfg.minutes * 60, show_progress)
+    record.update(settings=asdict(cfg), scaling_factor=scaling, seconds_this_run=round(time.monotonic() - start, 1))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    with staged_dir(out) as stage:  # float16 on disk (half the bytes); load_base casts to the dtype asked for
+        pipe.to(torch.float16).save_pretrained(stage, safe_serialization=True)
+        (stage / "training.json").write_text(json.dumps(record, indent=1))
+    return record
