@@ -24,6 +24,8 @@ from cli import (  # noqa: E402
     make_shapes_base,
     make_tiny_base,
     make_toy_concepts,
+    make_world_concepts,
+    make_world_evaluator,
     pull,
     registry,
     sample,
@@ -34,8 +36,8 @@ from shared.errors import InvalidArgument, UserError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated multi-concept customization of Stable Diffusion (Mix-of-Show).")
-VERBS = (demo, make_tiny_base, make_shapes_base, make_toy_concepts, export_single_file, train, stats, fuse, sample,
-         join, launch_round, pull, registry)
+VERBS = (demo, make_tiny_base, make_shapes_base, make_world_evaluator, make_world_concepts, make_toy_concepts,
+         export_single_file, train, stats, fuse, sample, join, launch_round, pull, registry)
 for module in VERBS:
     app.command(module.NAME, help=module.run.__doc__)(module.run)
 evaluate = typer.Typer(no_args_is_help=True, help="Evaluate fused models.")

@@ -46,7 +46,7 @@ class WorldObject:
         return x + self.offset[0], y + self.offset[1]
 
     def phrase(self, noun: str | None = None) -> str:
-        words = [self.colour, TEXTURE_WORDS[self.texture], noun or self.shape]
+        words = [self.colour, TEXTURE_WORDS.get(self.texture, ""), noun or self.shape]
         return " ".join(w for w in words if w)
 
 
@@ -124,7 +124,8 @@ def draw_mask(shape: str, cx: float, cy: float, r: float, side: int) -> Image.Im
 
 
 def fill_image(obj: WorldObject, side: int) -> Image.Image:
-    """The object's colour with its texture (and an emblem's pattern colours), over the whole canvas."""
+    """The object's colour with its texture over the whole canvas; an emblem's pattern (halves, a band cross)
+    is laid out around the object's own centre, so it looks the same wherever the object stands."""
     colour = COLOURS[obj.colour]
     fill = Image.new("RGB", (side, side), colour)
     draw = ImageDraw.Draw(fill)
@@ -143,12 +144,14 @@ def fill_image(obj: WorldObject, side: int) -> Image.Image:
             for y in range(0, side, step):
                 if (x // step + y // step) % 2:
                     draw.rectangle((x, y, x + step - 1, y + step - 1), fill=second)
-    elif obj.texture == "halves":  # emblem patterns: left half / right half in two colours
-        draw.rectangle((0, 0, side // 2, side), fill=second)
-    elif obj.texture == "band":
-        draw.rectangle((0, side * 0.4, side, side * 0.6), fill=second)
+    cx, cy = (v * side for v in obj.centre())
+    band = obj.size * side * 0.3
+    if obj.texture == "halves":  # emblem patterns: the left half in the second colour
+        draw.rectangle((0, 0, cx, side), fill=second)
+    elif obj.texture == "band":  # a cross of bands through the centre
+        draw.rectangle((0, cy - band, side, cy + band), fill=second)
         if len(obj.pattern) > 1:
-            draw.rectangle((side * 0.4, 0, side * 0.6, side), fill=obj.pattern[1])
+            draw.rectangle((cx - band, 0, cx + band, side), fill=obj.pattern[1])
     return fill
 
 
