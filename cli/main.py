@@ -16,6 +16,7 @@ from rich.text import Text  # noqa: E402
 from cli import (  # noqa: E402
     demo,
     eval_clip,
+    eval_concepts,
     eval_fidelity,
     export_single_file,
     fuse,
@@ -41,7 +42,7 @@ VERBS = (demo, make_tiny_base, make_shapes_base, make_world_evaluator, make_worl
 for module in VERBS:
     app.command(module.NAME, help=module.run.__doc__)(module.run)
 evaluate = typer.Typer(no_args_is_help=True, help="Evaluate fused models.")
-for module in (eval_fidelity, eval_clip):
+for module in (eval_fidelity, eval_clip, eval_concepts):
     evaluate.command(module.NAME, help=module.run.__doc__)(module.run)
 app.add_typer(evaluate, name="eval")
 

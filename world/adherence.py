@@ -16,14 +16,19 @@ from world.evaluator import Judge, single_object_prompts
 
 
 def object_centre(image: Image.Image, threshold: float = 40.0) -> tuple[float, float] | None:
-    """(x, y) as fractions: the centroid of the pixels far from the border's median colour (None: none are)."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    distance = np.linalg.norm(pixels - np.median(border, axis=0), axis=2)
+    """(x, y) as fractions: the centroid of the pixels far from the background, which is fitted as a linear
+    gradient (the world's backgrounds are plain or linear) to the image's border; None when no pixel is."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    h, w, _ = pixels.shape
+    yy, xx = np.mgrid[0:h, 0:w] / max(h - 1, 1)
+    edge = np.zeros((h, w), dtype=bool)
+    edge[[0, -1], :] = edge[:, [0, -1]] = True
+    design = np.stack([np.ones_like(xx), xx, yy], axis=-1)
+    coef, *_ = np.linalg.lstsq(design[edge], pixels[edge], rcond=None)
+    distance = np.linalg.norm(pixels - design @ coef, axis=2)
     ys, xs = np.nonzero(distance > threshold)
     if len(xs) < 4:
         return None
-    h, w = distance.shape
     return float(xs.mean() + 0.5) / w, float(ys.mean() + 0.5) / h
 
 

@@ -1,7 +1,7 @@
 """The shapes base: a small Stable-Diffusion-shaped pipeline trained from scratch on the shapes world, on CPU.
 
 Same component classes and folder layout as SD 1.x: an AutoencoderKL (down-sampling factor 4: 64 px images,
-16 x 16 x 4 latents) trained first on world renders, then a UNet2DConditionModel with cross-attention at
+16 x 16 x 8 latents) trained first on world renders, then a UNet2DConditionModel with cross-attention at
 every resolution and a CLIPTextModel trained together on the latents of seeded scenes and their captions
 (10% of captions dropped, for classifier-free guidance), with SD's noise schedule. The CLIP BPE vocabulary
 is written locally and makes every world word one token. Training is resumable: a checkpoint (weights,
@@ -32,6 +32,7 @@ from shared.validate import number
 from world.scenes import caption_variants, random_scene, render, world_words
 
 SIZE = 64
+LATENT_CHANNELS = 8  # 16 x 16 x 8 latents: with 4 channels the autoencoder washed the world's colours out
 MAX_TOKENS = 32  # world captions are at most ~25 tokens; a shorter context makes every cross-attention cheaper
 
 
@@ -39,7 +40,7 @@ MAX_TOKENS = 32  # world captions are at most ~25 tokens; a shorter context make
 class BaseTraining:
     """Every setting of `make-shapes-base`."""
 
-    vae_steps: int = 700
+    vae_steps: int = 1500
     vae_batch: int = 16
     vae_lr: float = 1e-3
     steps: int = 3600
@@ -72,12 +73,13 @@ def build_components(work: Path) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DCo
         max_position_embeddings=MAX_TOKENS, projection_dim=64, hidden_act="quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     unet = UNet2DConditionModel(
-        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+        sample_size=SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
+        block_out_channels=(64, 128, 128),
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        latent_channels=4, layers_per_block=1, norm_num_groups=32, sample_size=SIZE)
+                        latent_channels=LATENT_CHANNELS, layers_per_block=1, norm_num_groups=32, sample_size=SIZE)
     return tokenizer, text_encoder, unet, vae
 
 
@@ -140,7 +142,8 @@ def _progress(label: str) -> Progress:
 
 
 def train_vae(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: bool = True) -> float:
-    """Reconstruction (MSE) + a small KL term on world renders; returns the latents' scaling factor 1/std."""
+    """Reconstruction (MSE + L1, which keeps flat colours exact) + a small KL term on world renders; returns
+    the latents' scaling factor 1/std."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     ckpt = Checkpoint(work, "vae")
     state = ckpt.load({"vae": vae}, optimizer) or {"step": 0, "losses": []}
@@ -153,7 +156,7 @@ def train_vae(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: 
             pixels, _ = scene_batch(10_000_000 + step * cfg.vae_batch, cfg.vae_batch)
             posterior = vae.encode(pixels).latent_dist
             recon = vae.decode(posterior.sample(generator=gen)).sample
-            loss = F.mse_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
+            loss = F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
