@@ -360,3 +360,12 @@ def test_fused_lora_with_nan_is_refused(tiny_base, fused_three, tmp_path, monkey
 def test_fixture_verbs_check_their_numbers(args, expect, tmp_path, monkeypatch, capsys):
     out = tmp_path / "made"
     assert_clean_error([a.replace("{out}", str(out)) for a in args], tmp_path, expect, monkeypatch, capsys, out=out)
+
+
+@pytest.mark.parametrize("args, expect", [(["--concept", "bogus"], "--concept: 'bogus' is not a world concept"),
+                                          (["--concept", "hexagon", "--seeds", "0"], "--seeds: 0 is outside"),
+                                          (["--concept", "hexagon", "--grid", "{tmp}/grid.jpg"], "must end in .png")])
+def test_eval_concepts_checks_its_arguments(args, expect, tmp_path, monkeypatch, capsys):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert_clean_error(["eval", "concepts", "--model", tmp_path / "none", *args], tmp_path, expect, monkeypatch,
+                       capsys)

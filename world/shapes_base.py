@@ -32,7 +32,7 @@ from shared.validate import number
 from world.scenes import caption_variants, random_scene, render, world_words
 
 SIZE = 64
-LATENT_CHANNELS = 8  # 16 x 16 x 8 latents: with 4 channels the autoencoder washed the world's colours out
+LATENT_CHANNELS = 8  # 16 x 16 x 8 latents: a 12x smaller code than the pixels leaves room for exact colours
 MAX_TOKENS = 32  # world captions are at most ~25 tokens; a shorter context makes every cross-attention cheaper
 
 
@@ -40,10 +40,11 @@ MAX_TOKENS = 32  # world captions are at most ~25 tokens; a shorter context make
 class BaseTraining:
     """Every setting of `make-shapes-base`."""
 
-    vae_steps: int = 1500
+    vae_steps: int = 1200
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    steps: int = 3600
+    decoder_steps: int = 1500  # the decoder alone, after the autoencoder: the latent space (and the UNet) unchanged
+    steps: int = 3000
     batch: int = 32
     lr: float = 6e-4
     warmup: int = 200
@@ -53,6 +54,7 @@ class BaseTraining:
     minutes: float = 50.0  # stop the UNet phase when the whole run reaches this budget (the weights so far are used)
 
     def check(self) -> BaseTraining:
+        number("decoder_steps", self.decoder_steps, 0, 10_000_000, integer=True)
         for name in ("vae_steps", "vae_batch", "steps", "batch", "checkpoint_every"):
             number(name, getattr(self, name), 1, 10_000_000, integer=True)
         number("warmup", self.warmup, 0, 10_000_000, integer=True)
@@ -65,7 +67,12 @@ class BaseTraining:
 
 
 def build_components(work: Path) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
-    """The untrained components (the tokenizer's files are written into `work`)."""
+    """The untrained components (the tokenizer's files are written into `work`).
+
+    Group norms have several channels per group (autoencoder 8 groups of 4-8, UNet 16 groups of 4-8): with one
+    channel per group a GroupNorm is an instance norm, which removes each channel's mean over the image, and
+    the first autoencoder trained here could not reproduce a flat background's colour.
+    """
     vocab, merges = write_tokenizer_files(work / "tokenizer-src", world_words())
     tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=MAX_TOKENS)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -76,10 +83,10 @@ def build_components(work: Path) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DCo
         sample_size=SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
         block_out_channels=(64, 128, 128),
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        latent_channels=LATENT_CHANNELS, layers_per_block=1, norm_num_groups=32, sample_size=SIZE)
+                        latent_channels=LATENT_CHANNELS, layers_per_block=1, norm_num_groups=8, sample_size=SIZE)
     return tokenizer, text_encoder, unet, vae
 
 
@@ -142,25 +149,25 @@ def _progress(label: str) -> Progress:
 
 
 def train_vae(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: bool = True) -> float:
-    """Reconstruction (MSE + L1, which keeps flat colours exact) + a small KL term on world renders; returns
-    the latents' scaling factor 1/std."""
+    """Reconstruction (MSE + L1, which keeps flat colours exact) + a small KL term on world renders, decoding
+    the posterior's mean: sampling it while its variance is still untrained buried the latents in unit noise
+    and made the first run's autoencoder wash every colour out. Returns the latents' scaling factor 1/std."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     ckpt = Checkpoint(work, "vae")
     state = ckpt.load({"vae": vae}, optimizer) or {"step": 0, "losses": []}
     losses: list[float] = state["losses"]
-    gen = torch.Generator().manual_seed(cfg.seed)
     vae.train()
     with _progress("vae") as progress:
         task = progress.add_task("vae", total=cfg.vae_steps, completed=state["step"], loss="-")
         for step in range(state["step"], cfg.vae_steps):
             pixels, _ = scene_batch(10_000_000 + step * cfg.vae_batch, cfg.vae_batch)
             posterior = vae.encode(pixels).latent_dist
-            recon = vae.decode(posterior.sample(generator=gen)).sample
+            recon = vae.decode(posterior.mode()).sample
             loss = F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             progress.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
                 ckpt.save({"vae": vae}, optimizer, step + 1, {"losses": losses})
@@ -169,6 +176,39 @@ def train_vae(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: 
         pixels, _ = scene_batch(20_000_000, 64)
         std = float(vae.encode(pixels).latent_dist.mean.std())
     return 1.0 / std
+
+
+def finetune_decoder(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: bool = True) -> None:
+    """Train the decoder alone on the frozen encoder's latents (SD's own VAE was improved this way): sharper,
+    truer colours, and since the encoder is untouched the latents the UNet learns on stay the same."""
+    decoder = [vae.decoder, vae.post_quant_conv]
+    params = [p for m in decoder for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
+    ckpt = Checkpoint(work, "decoder")
+    state = ckpt.load({"vae": vae}, optimizer) or {"step": 0, "losses": []}
+    losses: list[float] = state["losses"]
+    vae.requires_grad_(False)
+    for m in decoder:
+        m.requires_grad_(True).train()
+    with _progress("decoder") as progress:
+        task = progress.add_task("decoder", total=cfg.decoder_steps, completed=state["step"], loss="-")
+        for step in range(state["step"], cfg.decoder_steps):
+            pixels, _ = scene_batch(30_000_000 + step * cfg.vae_batch, cfg.vae_batch)
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.mode()
+            lr = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            recon = vae.decode(latents).sample
+            loss = F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            progress.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.decoder_steps:
+                ckpt.save({"vae": vae}, optimizer, step + 1, {"losses": losses})
+    vae.eval().requires_grad_(False)
 
 
 def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
@@ -194,7 +234,7 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
             drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample(generator=gen) * scaling
+                latents = vae.encode(pixels).latent_dist.mode() * scaling  # the mean, as the autoencoder decodes
             noise = torch.randn(latents.shape, generator=gen)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
             ids = tokenizer(captions, padding="max_length", truncation=True, max_length=MAX_TOKENS,
@@ -207,7 +247,7 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             progress.update(task, completed=step, loss=f"{np.mean(losses[-50:]):.4f}")
             if step % cfg.checkpoint_every == 0:
@@ -240,6 +280,8 @@ def make_shapes_base(out: Path, cfg: BaseTraining | None = None, work: Path | No
     vae.register_to_config(scaling_factor=scaling)
     record = train_denoiser(tokenizer, text_encoder, unet, vae, scaling, cfg, work,
                             start + cfg.minutes * 60, show_progress)
+    if cfg.decoder_steps:
+        finetune_decoder(vae, cfg, work, show_progress)
     record.update(settings=asdict(cfg), scaling_factor=scaling, seconds_this_run=round(time.monotonic() - start, 1))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
                                    scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
