@@ -8,9 +8,11 @@ NAME = "make-shapes-base"
 
 
 def run(out: Path = typer.Option(..., "--out", help="folder to create (the trained diffusers pipeline)"),
-        steps: int = typer.Option(None, "--steps", help="UNet + text-encoder steps (default 3600)"),
-        vae_steps: int = typer.Option(None, "--vae-steps", help="autoencoder steps (default 700)"),
-        minutes: float = typer.Option(None, "--minutes", help="time budget of the whole run (default 50)"),
+        steps: int = typer.Option(None, "--steps", help="UNet + text-encoder steps (default 3000)"),
+        vae_steps: int = typer.Option(None, "--vae-steps", help="autoencoder steps (default 1200)"),
+        decoder_steps: int = typer.Option(None, "--decoder-steps", help="decoder-only steps (default 1500)"),
+        minutes: float = typer.Option(None, "--minutes", help="time budget of the autoencoder and UNet phases "
+                                                             "(default 50)"),
         seed: int = typer.Option(None, "--seed"),
         work: Path = typer.Option(None, "--work", help="checkpoint folder (default OUT.work); rerun to resume")
         ) -> None:
@@ -23,7 +25,7 @@ def run(out: Path = typer.Option(..., "--out", help="folder to create (the train
     from shared.atomic import check_fresh_output
     from world.shapes_base import BaseTraining, make_shapes_base
 
-    given = {"steps": steps, "vae_steps": vae_steps, "minutes": minutes, "seed": seed}
+    given = {"steps": steps, "vae_steps": vae_steps, "decoder_steps": decoder_steps, "minutes": minutes, "seed": seed}
     cfg = dataclasses.replace(BaseTraining(), **{k: v for k, v in given.items() if v is not None}).check()
     check_fresh_output(out, "out")
     start = time.monotonic()
