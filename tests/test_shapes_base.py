@@ -1,0 +1,78 @@
+"""The committed shapes base: it loads through load_base, follows prompts, and learns concepts it never saw."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.base import load_base
+from world.adherence import measure, plain_encoder
+from world.concepts import make_world_concepts
+from world.evaluator import Judge
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE, EVALUATOR = ROOT / "assets" / "shapes-base", ROOT / "assets" / "world-evaluator"
+# The base is committed once a training meets its prompt-adherence goal (docs/world.md); until then these
+# tests have nothing to load.
+pytestmark = pytest.mark.skipif(not (BASE / "model_index.json").is_file(),
+                                reason="assets/shapes-base is not built yet (docs/world.md)")
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return Judge(EVALUATOR)
+
+
+@pytest.mark.slow  # 40 samples of 20 steps
+def test_committed_base_loads_and_follows_single_object_prompts(judge):
+    base = load_base(BASE)
+    assert base.vae.config.scaling_factor != 0.18215  # its own, measured on the world's latents
+    result, images, _ = measure(base, judge, count=40, seed=7, steps=20)
+    assert result.both >= 0.8, result
+    assert len({im.tobytes() for im in images}) == len(images)
+
+
+@pytest.mark.slow  # a 120-step training on the shapes base
+def test_a_world_concept_is_found_more_often_with_its_lora(judge, tmp_path, monkeypatch, capsys):
+    """A brief ED-LoRA of the hexagon on the shapes base: the evaluator finds it in more samples of the concept's
+    prompt than of the base's own prompt with the class word (same seeds): the base has never seen a hexagon."""
+    from client.config import TrainConfig
+    from client.train import train_concept
+    from shared.package import apply_concept
+    from shared.sampling import generate
+
+    make_world_concepts(tmp_path / "data", ["hexagon"], images=10)
+    shutil.copytree(BASE, tmp_path / "base")
+    cfg = TrainConfig(steps=120, resolution=64, batch_size=2, preview="none", checkpoint_every=0, lr_unet=1e-3,
+                      lr_text=1e-4, templates=["a photo of a {}", "a {} in the centre"])
+    pkg, _ = train_concept(tmp_path / "base", tmp_path / "data" / "hexagon", ["<hexa1>", "<hexa2>"], "shape",
+                           tmp_path / "hexagon", cfg, show_progress=False)
+    base = load_base(tmp_path / "base")
+    _, encoder = apply_concept(base, pkg)
+    plain_base = load_base(tmp_path / "base")
+    with torch.no_grad():
+        tuned = generate(base, encoder, ["a photo of a <hexa1> <hexa2> in the centre"] * 12, seed=3, steps=20,
+                         guidance=4.0, height=64, width=64)
+        plain = generate(plain_base, plain_encoder(plain_base), ["a photo of a shape in the centre"] * 12, seed=3,
+                         steps=20, guidance=4.0, height=64, width=64)
+    found = sum(v["concept"] == "hexagon" for v in judge.labels(tuned))
+    without = sum(v["concept"] == "hexagon" for v in judge.labels(plain))
+    assert found > without, (found, without)
+    # `mixshow eval concepts` gives the evaluator's verdict on the same model, and draws its grid
+    from tests.badinput import run_mixshow
+
+    code, out, err = run_mixshow(["eval", "concepts", "--base", tmp_path / "base", "--package", pkg, "--concept",
+                                  "hexagon", "--seeds", "4", "--evaluator", EVALUATOR, "--grid",
+                                  tmp_path / "grid.png"], monkeypatch, capsys)
+    assert code == 0, err
+    line = next(row for row in out.splitlines() if "hexagon" in row)
+    from sample.scene import Scene, render
+
+    expected = sum(v["concept"] == "hexagon" for v in judge.labels(
+        [render(base, encoder, Scene(prompt="a photo of a <hexa1> <hexa2>", seed=s, steps=20, guidance=4.0, height=64,
+                                     width=64))[0] for s in range(4)]))
+    assert f"{expected}/4" in line, (line, expected)
+    assert (tmp_path / "grid.png").stat().st_size > 0
