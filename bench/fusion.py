@@ -15,6 +15,11 @@ input sites by shared.grams.group_sites. Weights, LoRAs and activations are rand
     (c) adding one concept to a fused model of 1 and of N concepts (S += Ĝ, its A Ĝ, re-solve all)
     (d) one concept's stats file at SD 1.5 shapes, packings full32, tri32, tri16 and compact (the
         default), and the fusion error of compact
+    (e) on-disk sizes of the real artefacts at SD 1.5 shapes: a random-weight SD 1.5 pipeline (49,408-token
+        vocabulary) saved in float16 as the base, N concepts trained by `train_concept` (1 step at 256 px:
+        sizes do not depend on training) with stats from `compute_stats`, fused by `server.fuse.fuse`; the
+        fused folder (float16, as `mixshow pull` downloads it), fused_lora.safetensors (float16), the
+        fusion state, one package and its stats (--skip-sizes to leave out, --sizes-only for just this)
 
 Grams are made once per concept and site (setup, never timed): for the short text sites from
 explicit rows X = Z·M; for the UNet spatial sites (20·h·w rows) by sampling Z^T Z as a Wishart
@@ -59,6 +64,8 @@ ADD_REPS = 5  # timed runs of each incremental add in (c)
 FUSE_REPS = 3  # runs of the full fusion in (a); the first also gives the peak memory
 CF_REPS = 5  # runs of each layer's closed form in (b)
 GOAL_SPEEDUP, GOAL_ADD_RATIO, GOAL_STATS_MB, GOAL_PACKED = 1000.0, 1.5, 100.0, 1e-3
+GOAL_LORA_MB = 40.0  # (e) the fused LoRA of 14 concepts; the fused folder <= the base's own size + that LoRA
+SD_VOCAB = 49408
 DESIGN_SECONDS = 8.0  # docs/design.md §2.3: all 104 sites, 14 concepts, fp64, 2 cores, unoptimised
 
 
@@ -507,6 +514,90 @@ def compare(layers: list[dict], concepts: int, rank: int, seed: int, which: str,
           f"no worse: {ok}", flush=True)
 
 
+# -- (e) artefact sizes -----------------------------------------------------------------------------------
+def sd15_base(folder: Path) -> Path:
+    """A random-weight SD 1.5-shaped pipeline (UNet, VAE, CLIP ViT-L text encoder, a 49,408-entry BPE
+    vocabulary written locally) saved as a diffusers folder in float16, as SD 1.5 is shipped."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from shared.clip_vocab import write_tokenizer_files
+
+    words = ["a", "photo", "of", "the", "on", "toy", "picture", "grass", "beach", "rendering"]
+    vocab, merges = write_tokenizer_files(folder.parent / "tokenizer-src", words, size=SD_VOCAB)
+    tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                        sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                        num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
+                                        projection_dim=768, hidden_act="quick_gelu",
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def folder_bytes(folder: Path, leave_out: tuple[str, ...] = ()) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name not in leave_out)
+
+
+def artefact_sizes(concepts: int, rank: int, work: Path) -> None:
+    """(e): build, train, record, fuse at SD 1.5 shapes and print what lands on disk."""
+    import copy
+
+    from client.config import TrainConfig
+    from client.stats import compute_stats
+    from client.train import train_concept
+    from fixtures.toy_concepts import make_toy_concepts
+    from server.fuse import fuse
+    from shared.base import load_base
+    from shared.fused_model import LORA_FILE, STATE_FILE
+
+    t0 = time.perf_counter()
+    base_dir = sd15_base(work / "sd15-fp16")
+    base_mb = folder_bytes(base_dir) / 1e6
+    base = load_base(base_dir)
+    t_base = time.perf_counter() - t0
+    data = work / "data"
+    make_toy_concepts(data, 1, images=2, size=256)
+    folder = next(p for p in data.iterdir() if p.is_dir())
+    packages = []
+    for i in range(concepts):
+        cfg = TrainConfig(steps=1, batch_size=1, resolution=256, rank=rank, alpha=float(rank), preview="none",
+                          checkpoint_every=0, seed=i, templates=["a photo of a {}", "a {} on the grass"])
+        pkg, _ = train_concept(copy.deepcopy(base), folder, [f"<c{i}a>", f"<c{i}b>"], "toy", work / f"pkg{i:02d}",
+                               cfg, show_progress=False)
+        compute_stats(copy.deepcopy(base), pkg, samples=1, steps=2, seed=i, show_progress=False)
+        packages.append(pkg)
+    t_train = time.perf_counter() - t0 - t_base
+    del base
+    gc.collect()
+    fused = work / "fused"
+    fuse(base_dir, packages, fused, show_progress=False)
+    t_fuse = time.perf_counter() - t0 - t_base - t_train
+    lora_mb = (fused / LORA_FILE).stat().st_size / 1e6
+    pulled_mb = folder_bytes(fused, (STATE_FILE,)) / 1e6
+    state_mb = (fused / STATE_FILE).stat().st_size / 1e6
+    pkg_mb = folder_bytes(packages[0], ("stats.safetensors",)) / 1e6
+    stats_mb = (packages[0] / "stats.safetensors").stat().st_size / 1e6
+    folder_goal = base_mb + lora_mb
+    print(f"(e) on-disk sizes at SD 1.5 shapes, {concepts} concepts of rank {rank} (1 MB = 10^6 bytes; base built "
+          f"and saved in {t_base:.0f} s, {concepts} packages trained and recorded in {t_train:.0f} s, fused in "
+          f"{t_fuse:.0f} s): base (float16) {base_mb:.1f} MB | fused folder as pulled (float16, without the state) "
+          f"{pulled_mb:.1f} MB, goal <= base + fused LoRA = {folder_goal:.1f} MB: "
+          f"{'met' if pulled_mb <= folder_goal else f'MISSED by {pulled_mb - folder_goal:.2f} MB'} | fused LoRA "
+          f"(float16) {lora_mb:.1f} MB, goal <= {GOAL_LORA_MB:.0f} MB: "
+          f"{'met' if lora_mb <= GOAL_LORA_MB else 'MISSED'} | fusion state (float64, server only) "
+          f"{state_mb:.1f} MB | one package {pkg_mb:.2f} MB, its stats {stats_mb:.1f} MB", flush=True)
+
+
 # -- main --------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -517,6 +608,8 @@ def main() -> None:
     parser.add_argument("--lbfgs-steps", type=int, default=LBFGS_STEPS,
                         help=f"sampler steps of raw rows per concept at spatial layers in (b) (the Grams use {STEPS})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-sizes", action="store_true", help="leave out (e), the artefact sizes")
+    parser.add_argument("--sizes-only", action="store_true", help="run only (e), the artefact sizes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -527,6 +620,10 @@ def main() -> None:
         return
     start, cpu0, own0 = time.perf_counter(), cpu_times(), own_cpu_seconds()
     N = args.concepts
+    if args.sizes_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            artefact_sizes(N, args.rank, Path(tmp))
+        return
     load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     print(f"fusion bench: torch {torch.__version__}, {torch.get_num_threads()} threads{load}, {N} concepts, "
           f"rank {args.rank}, seed {args.seed}, lam = {LAM:g}*tr(S)/d, L-BFGS subset {args.lbfgs_subset}. "
@@ -579,6 +676,9 @@ def main() -> None:
           f"all {N} concepts' Grams through compact files, max ||W_packed - W_exact||_F / ||W_exact - W0||_F "
           f"(relative to the fused CHANGE, stricter than to W): {groups} | goal <= {GOAL_PACKED:g}: "
           f"{'met' if err <= GOAL_PACKED else 'MISSED'}", flush=True)
+    if not args.skip_sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            artefact_sizes(N, args.rank, Path(tmp))
     noise, end = "", cpu_times()
     if cpu0 and end and end[2] > cpu0[2]:
         hz, wall = os.sysconf("SC_CLK_TCK"), time.perf_counter() - start

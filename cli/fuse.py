@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from cli.options import BaseConfig, Device, Dtype
+from cli.options import BaseConfig, Device
 
 NAME = "fuse"
 
@@ -22,7 +22,11 @@ def run(base: Path = typer.Option(None, "--base", help="base model (default with
         remove: list[str] = typer.Option(None, "--remove", help="with --from: a concept name to withdraw"),
         kv_rows: str = typer.Option("all", "--kv-rows", help="text positions whose features fuse cross-attention "
                                                             "k/v: all (default) or concept (concept + end tokens)"),
-        device: str = Device, dtype: str = Dtype) -> None:
+        lora_dtype: str = typer.Option("float16", "--lora-dtype", help="fused_lora.safetensors: float16 (default) "
+                                                                      "| float32 | bfloat16"),
+        dtype: str = typer.Option(None, "--dtype", help="the fused folder's weights: float16 | bfloat16 | float32 "
+                                                        "(default: the dtype the base is stored in)"),
+        device: str = Device) -> None:
     """Fuse concept packages into one model in closed form (or add/withdraw concepts of a fused model)."""
     from rich.console import Console
 
@@ -38,7 +42,9 @@ def run(base: Path = typer.Option(None, "--base", help="base model (default with
     if not packages and not remove:
         raise UserError("give at least one --concept PKG")
     report = fuse(base, packages, out, method, DEFAULT_LAM if lam is None else lam, preserve, parse_device(device),
-                  parse_dtype(dtype), base_config, from_dir, list(remove or []), kv_rows)
+                  base_config=base_config, from_dir=from_dir, remove=list(remove or []), kv_rows=kv_rows,
+                  out_dtype=None if dtype is None else parse_dtype(dtype),
+                  lora_dtype=parse_dtype(lora_dtype, "lora_dtype"))
     console = Console()
     console.print(table_of(report))
     console.print(f"fused model written to {out} (report: {out / 'fusion_report.png'})")

@@ -18,12 +18,15 @@ def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the
         root_cert: Path = typer.Option(None, "--root-cert", help="CA certificate of the SuperLink's TLS"),
         insecure: bool = typer.Option(False, "--insecure"),
         auth_key: Path = typer.Option(None, "--auth-key", help="SuperNode private key for node authentication"),
+        train_config: Path = typer.Option(None, "--train-config", help="YAML of this client's training settings "
+                                                                       "(the round sets steps and resolution)"),
         device: str = typer.Option("cpu", "--device"), dtype: str = typer.Option("float32", "--dtype")) -> None:
     """Join a federation: check the data, then run a SuperNode with this client's node config (foreground)."""
     import os
     import sys
 
     from cli.options import words_list
+    from client.config import load_config
     from client.dataset import load_examples
     from client.round import check_client_name
     from shared.base import check_base_folder
@@ -37,11 +40,15 @@ def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the
     load_examples(data)
     if Path(base).is_dir():
         check_base_folder(Path(base))
+    if train_config is not None:
+        load_config(train_config, {})  # a bad file fails here, not in the first round
     if not insecure and root_cert is None:
         raise UserError("--root-cert CA.pem is required unless --insecure")
     node = {"name": name or data.resolve().name, "data-dir": str(data.resolve()), "words": words,
             "class-word": class_word, "base": str(Path(base).resolve()), "work-dir": str(work_dir.resolve()),
             "device": device, "dtype": dtype}
+    if train_config is not None:
+        node["train-config"] = str(train_config.resolve())
     config = " ".join(f'{k}="{v}"' for k, v in node.items())
     command = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", superlink, "--port", str(port),
                "--node-config", config]

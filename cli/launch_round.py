@@ -18,6 +18,12 @@ def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the
         stats_samples: int = typer.Option(None, "--stats-samples", help="images sampled per client for its Grams "
                                                                        "(0: the clients' default)"),
         retrain: bool = typer.Option(None, "--retrain/--reuse", help="clients retrain even if they have a package"),
+        max_upload_mb: float = typer.Option(None, "--max-upload-mb", help="refuse a client's file over this size "
+                                                                          "before downloading it (default 1024)"),
+        remove: list[str] = typer.Option(None, "--remove", help="a concept to remove at this round (repeat for "
+                                                                "each); the latest version must hold it"),
+        signing_key: Path = typer.Option(None, "--signing-key", help="Ed25519 private key (PEM) that signs the "
+                                                                     "published version (deploy/make-certs.sh)"),
         root_cert: Path = typer.Option(None, "--root-cert", help="CA certificate of the SuperLink's TLS"),
         insecure: bool = typer.Option(False, "--insecure", help="plain-text connection (tests, loopback)")) -> None:
     """Launch a fusion round on a SuperLink and follow it to the end. Settings not given come from the app's
@@ -30,7 +36,8 @@ def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the
 
     given = {"store": store, "base": str(Path(base).resolve()), "min-clients": min_clients, "timeout": timeout,
              "wait": wait, "steps": steps, "resolution": resolution, "stats-samples": stats_samples,
-             "retrain": retrain}
+             "retrain": retrain, "signing-key": str(signing_key.resolve()) if signing_key else None,
+             "max-upload-mb": max_upload_mb, "remove": ",".join(remove) if remove else None}
     given = {k: v for k, v in given.items() if v is not None}
     settings = RoundSettings.from_config(given)  # checked here, before anything starts
     open_store(store)  # a wrong store fails here, not inside the round

@@ -18,8 +18,10 @@ from cli import (  # noqa: E402
     eval_clip,
     eval_concepts,
     eval_fidelity,
+    export,
     export_single_file,
     fuse,
+    import_lora,
     join,
     launch_round,
     make_shapes_base,
@@ -32,13 +34,15 @@ from cli import (  # noqa: E402
     sample,
     stats,
     train,
+    withdraw,
 )
 from shared.errors import InvalidArgument, UserError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated multi-concept customization of Stable Diffusion (Mix-of-Show).")
 VERBS = (demo, make_tiny_base, make_shapes_base, make_world_evaluator, make_world_concepts, make_toy_concepts,
-         export_single_file, train, stats, fuse, sample, join, launch_round, pull, registry)
+         export_single_file, export, import_lora, train, stats, fuse, sample, join, launch_round, withdraw, pull,
+         registry)
 for module in VERBS:
     app.command(module.NAME, help=module.run.__doc__)(module.run)
 evaluate = typer.Typer(no_args_is_help=True, help="Evaluate fused models.")
@@ -48,7 +52,8 @@ app.add_typer(evaluate, name="eval")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 FLAGS = {"from_dir": "--from", "lora_weight": "--lora-scale", "json_out": "--json", "packing": "--pack",
-         "kv_rows": "--kv-rows", "base_config": "--base-config", "class_word": "--class-word"}
+         "kv_rows": "--kv-rows", "format": "--format", "base_config": "--base-config", "class_word": "--class-word",
+         "sample_prompts": "--preview-prompts", "sample_steps": "--preview-steps", "sample_scales": "--preview-scales"}
 
 
 def flag(argument: str) -> str:

@@ -12,7 +12,7 @@ def run(out: Path = typer.Option(..., "--out", help="folder to create (the train
         vae_steps: int = typer.Option(None, "--vae-steps", help="autoencoder steps (default 1200)"),
         decoder_steps: int = typer.Option(None, "--decoder-steps", help="decoder-only steps (default 1500)"),
         minutes: float = typer.Option(None, "--minutes", help="time budget of the autoencoder and UNet phases "
-                                                             "(default 50)"),
+                                                             "(default 52)"),
         seed: int = typer.Option(None, "--seed"),
         work: Path = typer.Option(None, "--work", help="checkpoint folder (default OUT.work); rerun to resume")
         ) -> None:

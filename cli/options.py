@@ -29,4 +29,15 @@ def words_list(words: str) -> list[str]:
     return words.split()
 
 
-__all__ = ["Base", "BaseConfig", "Device", "Dtype", "Path", "Seed", "package_fuser", "words_list"]
+def scales_list(text: str) -> list[float]:
+    """'0,0.7,1' -> [0.0, 0.7, 1.0] (TrainConfig checks the range and finiteness)."""
+    from shared.errors import InvalidArgument
+
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidArgument("sample_scales", f"{text!r} is not a list of numbers separated by commas, "
+                                               "e.g. 0,1") from None
+
+
+__all__ = ["Base", "BaseConfig", "Device", "Dtype", "Path", "Seed", "package_fuser", "scales_list", "words_list"]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from cli.options import Base, BaseConfig, Device, Dtype, words_list
+from cli.options import Base, BaseConfig, Device, Dtype, scales_list, words_list
 
 NAME = "train"
 
@@ -23,7 +23,13 @@ def run(base: Path = Base, base_config: Path = BaseConfig,
         masked_loss: bool = typer.Option(None, "--masked-loss/--no-masked-loss"),
         mixed_precision: str = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16"),
         gradient_checkpointing: bool = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-        preview: str = typer.Option(None, "--preview", help="preview grids: none | end (default) | 'every N'"),
+        preview: str = typer.Option(None, "--preview", help="preview grids: auto (default: at the end when the grid "
+                                    "costs at most a quarter of the run) | none | end | 'every N'"),
+        preview_prompts: int = typer.Option(None, "--preview-prompts", help="prompts (rows) of a preview grid "
+                                            "(default 1)"),
+        preview_steps: int = typer.Option(None, "--preview-steps", help="sampling steps of a preview (default 10)"),
+        preview_scales: str = typer.Option(None, "--preview-scales", help="LoRA scales (columns) of a preview grid, "
+                                           "e.g. '0,1' (the default)"),
         sample_every: int = typer.Option(None, "--sample-every", help="old form of --preview 'every N' (0: end)"),
         checkpoint_every: int = typer.Option(None, "--checkpoint-every"),
         seed: int = typer.Option(None, "--seed"),
@@ -46,7 +52,9 @@ def run(base: Path = Base, base_config: Path = BaseConfig,
     overrides = dict(steps=steps, batch_size=batch_size, resolution=resolution, rank=rank,
                      layerwise=None if plain is None else not plain, masked_loss=masked_loss,
                      mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                     preview=preview, sample_every=sample_every, checkpoint_every=checkpoint_every, seed=seed)
+                     preview=preview, sample_every=sample_every, checkpoint_every=checkpoint_every, seed=seed,
+                     sample_prompts=preview_prompts, sample_steps=preview_steps,
+                     sample_scales=None if preview_scales is None else scales_list(preview_scales))
     cfg = load_config(config, overrides)
     if stats:
         try:

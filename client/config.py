@@ -25,12 +25,18 @@ _PREVIEW = re.compile(r"every\s+(\d+)")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # PyYAML reads `1e-4` (no dot) as a string
 
 
+PREVIEW_WORDS = ("auto", "none", "end")
+AUTO_PREVIEW_SHARE = 0.25  # preview "auto": a final grid only when it costs at most this share of the run
+
+
 @dataclass
 class TrainConfig:
     """Every knob of ED-LoRA training (docs/design.md §2.1). YAML keys are these field names.
 
     `preview`: "none" (no preview grid, no samples/ folder in the package), "end" (one grid of
-    prompts x `sample_scales` after training, the default) or "every N" (a grid every N steps and at the end).
+    `sample_prompts` prompts x `sample_scales` after training), "every N" (a grid every N steps and at the end)
+    or "auto" (the default: "end" when the grid costs at most a quarter of the run, see `preview_share`,
+    otherwise "none").
     """
 
     steps: int = 1000
@@ -57,10 +63,11 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; fp16 only on CUDA)
     seed: int = 0
     checkpoint_every: int = 100  # 0: only on Ctrl-C
-    preview: str = "end"  # none | end | every N
-    sample_steps: int = 20
+    preview: str = "auto"  # auto | none | end | every N
+    sample_prompts: int = 1
+    sample_steps: int = 10
     sample_guidance: float = 7.5
-    sample_scales: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
+    sample_scales: list[float] = field(default_factory=lambda: [0.0, 1.0])
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
 
     def __post_init__(self) -> None:
@@ -72,10 +79,27 @@ class TrainConfig:
         match = _PREVIEW.fullmatch(self.preview.strip())
         return int(match.group(1)) if match else 0
 
+    @property
+    def preview_share(self) -> float:
+        """The preview grid's share of a run's denoiser evaluations (the cost of both on any device): a
+        training step is a forward and a backward pass (about 3 forwards) per image of the batch, a preview
+        image one forward per sampling step (two with guidance)."""
+        guided = 2 if self.sample_guidance > 1 else 1
+        grid = self.sample_prompts * len(self.sample_scales) * self.sample_steps * guided
+        return grid / (grid + 3 * self.steps * self.batch_size)
+
+    @property
+    def preview_at_end(self) -> bool:
+        """Whether training ends with a preview grid."""
+        if self.preview == "auto":
+            return self.preview_share <= AUTO_PREVIEW_SHARE
+        return self.preview != "none"
+
     def check(self) -> TrainConfig:
         """Check every field (type, range, finiteness) and normalise numbers; InvalidArgument names the field."""
         ints = {"steps": (1, 10**7), "batch_size": (1, 1024), "resolution": (64, 4096), "rank": (1, 1024),
-                "seed": (0, MAX_SEED), "checkpoint_every": (0, 10**7), "sample_steps": (1, 1000)}
+                "seed": (0, MAX_SEED), "checkpoint_every": (0, 10**7), "sample_steps": (1, 1000),
+                "sample_prompts": (1, 64)}
         for name, (low, high) in ints.items():
             setattr(self, name, number(name, getattr(self, name), low, high, integer=True))
         floats = {"alpha": (0, 1e6, True), "lr_embedding": (0, None, False), "lr_text": (0, None, False),
@@ -94,10 +118,10 @@ class TrainConfig:
                                   f"(e.g. {max(64, self.resolution // RESOLUTION_STEP * RESOLUTION_STEP)})")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InvalidArgument("mixed_precision", f"{self.mixed_precision!r} must be no, fp16 or bf16")
-        if not isinstance(self.preview, str) or not (self.preview in ("none", "end")
+        if not isinstance(self.preview, str) or not (self.preview in PREVIEW_WORDS
                                                       or _PREVIEW.fullmatch(self.preview.strip())):
-            raise InvalidArgument("preview", f"{self.preview!r} must be none, end or 'every N' (N steps)")
-        if self.preview not in ("none", "end"):
+            raise InvalidArgument("preview", f"{self.preview!r} must be auto, none, end or 'every N' (N steps)")
+        if self.preview not in PREVIEW_WORDS:
             every = int(_PREVIEW.fullmatch(self.preview.strip()).group(1))
             if every < 1:
                 raise InvalidArgument("preview", f"{self.preview!r}: N must be at least 1")

@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import re
 import shutil
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from client.config import TrainConfig, load_config
 from client.stats import compute_stats
 from client.train import train_concept
 from protos import mixshow_pb2 as pb
+from shared import storage
 from shared.base import load_base
 from shared.device import parse_device, parse_dtype
 from shared.errors import InvalidArgument, UserError
@@ -50,6 +53,7 @@ class NodeSettings:
     work_dir: Path
     device: str = "cpu"
     dtype: str = "float32"
+    train_config: Path | None = None  # this client's own training settings (YAML); the round sets steps, size
 
     def __post_init__(self) -> None:
         check_client_name(self.name)
@@ -65,7 +69,8 @@ class NodeSettings:
             raise UserError(f"node config lacks {', '.join(missing)} (set them with mixshow join)")
         return cls(str(cfg["name"]), Path(str(cfg["data-dir"])), str(cfg["words"]).split(), str(cfg["class-word"]),
                    Path(str(cfg["base"])), Path(str(cfg.get("work-dir", Path.home() / ".mixshow" / "client"))),
-                   str(cfg.get("device", "cpu")), str(cfg.get("dtype", "float32")))
+                   str(cfg.get("device", "cpu")), str(cfg.get("dtype", "float32")),
+                   Path(str(cfg["train-config"])) if cfg.get("train-config") else None)
 
 
 def client_seed(name: str) -> int:
@@ -73,10 +78,11 @@ def client_seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest(), "little") % (MAX_SEED + 1)
 
 
-def round_train_config(config: pb.RoundConfig, name: str) -> TrainConfig:
-    """The training settings of a round: its steps and resolution (or the defaults), this client's seed,
-    a checkpoint every tenth of the training (resumed if the client is killed), short previews."""
-    cfg = load_config(None, {"steps": config.steps or None, "resolution": config.resolution or None,
+def round_train_config(config: pb.RoundConfig, name: str, own: Path | None = None) -> TrainConfig:
+    """The training settings of a round: the client's own YAML (`own`, or the defaults), the round's steps
+    and resolution, this client's seed, a checkpoint every tenth of the training (resumed if the client is
+    killed), short previews."""
+    cfg = load_config(own, {"steps": config.steps or None, "resolution": config.resolution or None,
                              "sample_steps": 4, "seed": client_seed(name)})
     return dataclasses.replace(cfg, checkpoint_every=max(1, cfg.steps // 10))
 
@@ -117,11 +123,38 @@ def package_for(config: pb.RoundConfig, node: NodeSettings) -> tuple[Path, bool]
                         f"{config.base_fingerprint[:12]}")
     if not finished:
         pristine = copy.deepcopy(base)
-        train_concept(base, node.data_dir, node.words, node.class_word, pkg, round_train_config(config, node.name),
-                      name=node.name, show_progress=False, restart_stale=True)
+        cfg = round_train_config(config, node.name, node.train_config)
+        train_concept(base, node.data_dir, node.words, node.class_word, pkg, cfg, name=node.name,
+                      show_progress=False, restart_stale=True)
         base = pristine
     compute_stats(base, pkg, samples=config.stats_samples or None, show_progress=False)
     return pkg, False
+
+
+def put_with_retries(url: str, data: bytes, name: str) -> None:
+    """PUT `data` to a presigned URL; an unreachable store or a 5xx answer is retried with growing pauses for
+    up to OUTAGE_SECONDS (the object appears whole or not at all: S3 stores a PUT atomically)."""
+    outage = storage.OUTAGE_SECONDS
+    deadline, pause = time.monotonic() + outage, 1.0
+    while True:
+        request = urllib.request.Request(url, data=data, method="PUT",
+                                         headers={"Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                if response.status in (200, 204):
+                    return
+                problem = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                raise UserError(f"upload of {name} refused: HTTP {exc.code} (the round's upload URL may have "
+                                "expired)") from exc
+            problem = f"HTTP {exc.code}"
+        except OSError as exc:
+            problem = f"storage unreachable ({exc})"
+        if time.monotonic() + pause > deadline:
+            raise UserError(f"upload of {name} failed for {outage:.0f} s: {problem}")
+        time.sleep(pause)
+        pause = min(pause * 2, 8.0)
 
 
 def upload(config: pb.RoundConfig, pkg: Path) -> list[pb.FileEntry]:
@@ -134,11 +167,7 @@ def upload(config: pb.RoundConfig, pkg: Path) -> list[pb.FileEntry]:
             url = config.upload_urls.get(name)
             if url is None:
                 raise UserError(f"the round gave no upload URL for {name}")
-            request = urllib.request.Request(url, data=path.read_bytes(), method="PUT",
-                                             headers={"Content-Type": "application/octet-stream"})
-            with urllib.request.urlopen(request, timeout=300) as response:
-                if response.status not in (200, 204):
-                    raise UserError(f"upload of {name} failed: HTTP {response.status}")
+            put_with_retries(url, path.read_bytes(), name)
             entries.append(pb.FileEntry(key=key, size=path.stat().st_size, sha256=sha256_file(path)))
         else:
             stored = open_store(config.store_url).put_file(key, path)
@@ -146,11 +175,24 @@ def upload(config: pb.RoundConfig, pkg: Path) -> list[pb.FileEntry]:
     return entries
 
 
+def withdrawal_marker(work_dir: Path, name: str) -> Path:
+    """The file whose presence tells this client's next rounds that it withdraws its concept."""
+    return Path(work_dir) / "withdrawn" / check_client_name(name)
+
+
 def take_part(config: pb.RoundConfig, node: NodeSettings) -> pb.ConceptManifest:
-    """Everything a client does in a round; the returned manifest is all that goes back through Flower."""
+    """Everything a client does in a round; the returned manifest is all that goes back through Flower.
+
+    A client that withdrew replies so and uploads nothing. A client whose package is the one the latest
+    version already holds (the round says which sha256s it knows) replies `unchanged` and uploads nothing.
+    """
+    if withdrawal_marker(node.work_dir, node.name).is_file():
+        return pb.ConceptManifest(round_id=config.round_id, client=node.name, concept_name=node.name, withdraw=True)
     pkg, reused = package_for(config, node)
     meta, _ = read_package(pkg)
-    files = upload(config, pkg)
-    return pb.ConceptManifest(round_id=config.round_id, client=node.name, concept_name=meta.name,
-                              words=meta.words, class_word=meta.class_word, prompts=meta.prompts(),
-                              base_fingerprint=meta.base_fingerprint, files=files, reused=reused)
+    described = dict(round_id=config.round_id, client=node.name, concept_name=meta.name, words=meta.words,
+                     class_word=meta.class_word, prompts=meta.prompts(), base_fingerprint=meta.base_fingerprint)
+    hashes = {name: sha256_file(pkg / name) for name in PACKAGE_FILES}
+    if config.known_sha256 and dict(config.known_sha256) == hashes:
+        return pb.ConceptManifest(**described, unchanged=True, reused=reused)
+    return pb.ConceptManifest(**described, files=upload(config, pkg), reused=reused)

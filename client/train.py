@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +112,7 @@ def prepare_concept(base: Base, words: list[str], class_word: str, cfg: TrainCon
 def sample_grid(concept: Concept, cfg: TrainConfig, path: Path, prompts: list[str] | None = None) -> None:
     """A grid of the concept's prompts (rows) at LoRA scales cfg.sample_scales (columns)."""
     base = concept.base
-    prompts = prompts or concept.meta.prompts()[:3]
+    prompts = prompts or concept.meta.prompts()[:cfg.sample_prompts]
     concept.embedding.sync()
     columns = []
     for scale in cfg.sample_scales:
@@ -265,7 +264,8 @@ class Trainer:
 
 
 # Settings that do not change the training's trajectory: a checkpoint stays valid when they change.
-NOT_IN_IDENTITY = ("steps", "checkpoint_every", "preview", "sample_steps", "sample_guidance", "sample_scales")
+NOT_IN_IDENTITY = ("steps", "checkpoint_every", "preview", "sample_prompts", "sample_steps", "sample_guidance",
+                   "sample_scales")
 
 
 def check_resolution(base: Base, resolution: int) -> None:
@@ -295,7 +295,7 @@ def train_concept(base: Path | str | Base, data: Path, words: list[str], class_w
     training changes (new tokens, LoRA adapters): pass a copy if it is needed afterwards.
     A crash or Ctrl-C leaves a checkpoint in `<out>.work/`; the same call resumes from it. A checkpoint
     of different settings is refused, or with `restart_stale` removed and the training started over.
-    With cfg.preview "none" the package has no samples/ folder.
+    Without a final preview grid (cfg.preview_at_end) the package has no samples/ folder.
     """
     out = Path(out)
     cfg.check()
@@ -317,16 +317,15 @@ def train_concept(base: Path | str | Base, data: Path, words: list[str], class_w
     work = out.with_name(out.name + ".work")
     if restart_stale and checkpoint_identity(work) not in (None, identity):
         shutil.rmtree(work)
-    t0 = time.time()
     trainer = Trainer(concept, examples, cfg, gen)
     losses = trainer.run(work, identity, on_step, show_progress)
     for model in (base.unet, base.text_encoder):
         model.eval()
     with staged_dir(out) as stage:
         tensors = concept.tensors()
-        concept.meta.training = dict(cfg.to_dict(), seconds=round(time.time() - t0, 1), final_loss=losses[-1],
-                                     resumed_from=trainer.start)
-        if cfg.preview != "none":
+        # no wall-clock figure in the package: the same inputs and seed must give the same bytes
+        concept.meta.training = dict(cfg.to_dict(), final_loss=losses[-1], resumed_from=trainer.start)
+        if cfg.preview_at_end:
             sample_grid(concept, cfg, work / "samples" / "final.png")
             shutil.copytree(work / "samples", stage / "samples")
         save_package(stage, concept.meta, tensors)

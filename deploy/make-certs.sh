@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make a CA, a TLS certificate for the SuperLink (and MinIO), and SuperNode auth key pairs.
+# Make a CA, TLS certificates for the SuperLink, MinIO and the registry, SuperNode auth key pairs, and the
+# server's Ed25519 key pair that signs fused versions.
 #   deploy/make-certs.sh [OUT=deploy/certs] [SUPERLINK_HOST=superlink] [NODES=2]
 set -euo pipefail
 OUT=${1:-deploy/certs}; HOST=${2:-superlink}; NODES=${3:-2}
@@ -17,4 +18,7 @@ cp "$OUT/$HOST.key" "$OUT/superlink.key" 2>/dev/null || true
 for i in $(seq 1 "$NODES"); do
   ssh-keygen -q -t ecdsa -b 384 -N "" -f "$OUT/supernode-$i" <<< y >/dev/null
 done
-echo "certificates and SuperNode keys in $OUT (register each supernode-N.pub with: flwr supernode register)"
+# the server signs every fused version with this Ed25519 key; users pull with --trust version-signing.pub
+openssl genpkey -algorithm ed25519 -out "$OUT/version-signing.key"
+openssl pkey -in "$OUT/version-signing.key" -pubout -out "$OUT/version-signing.pub"
+echo "certificates, SuperNode keys and the version-signing key pair in $OUT (register each supernode-N.pub with: flwr supernode register)"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmixshow.proto\x12\nmixshow.v1\"C\n\tFileEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\"\xcd\x01\n\x0f\x43onceptManifest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x14\n\x0c\x63oncept_name\x18\x03 \x01(\t\x12\r\n\x05words\x18\x04 \x03(\t\x12\x12\n\nclass_word\x18\x05 \x01(\t\x12\x0f\n\x07prompts\x18\x06 \x03(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x07 \x01(\t\x12$\n\x05\x66iles\x18\x08 \x03(\x0b\x32\x15.mixshow.v1.FileEntry\x12\x0e\n\x06reused\x18\t \x01(\x08\"\x98\x02\n\x0bRoundConfig\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x11\n\tstore_url\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12<\n\x0bupload_urls\x18\x05 \x03(\x0b\x32\'.mixshow.v1.RoundConfig.UploadUrlsEntry\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x12\n\nresolution\x18\x07 \x01(\r\x12\x15\n\rstats_samples\x18\x08 \x01(\r\x12\x0f\n\x07retrain\x18\t \x01(\x08\x1a\x31\n\x0fUploadUrlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa5\x01\n\rFusedManifest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x10\n\x08\x63oncepts\x18\x05 \x03(\t\x12$\n\x05\x66iles\x18\x06 \x03(\x0b\x32\x15.mixshow.v1.FileEntry\x12\x0f\n\x07\x63reated\x18\x07 \x01(\t\"\x15\n\x13ListVersionsRequest\"8\n\x14ListVersionsResponse\x12\x10\n\x08versions\x18\x01 \x03(\t\x12\x0e\n\x06latest\x18\x02 \x01(\t\"$\n\x11GetVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"%\n\x14WatchVersionsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t2\xff\x01\n\x12\x43heckpointRegistry\x12Q\n\x0cListVersions\x12\x1f.mixshow.v1.ListVersionsRequest\x1a .mixshow.v1.ListVersionsResponse\x12\x46\n\nGetVersion\x12\x1d.mixshow.v1.GetVersionRequest\x1a\x19.mixshow.v1.FusedManifest\x12N\n\rWatchVersions\x12 .mixshow.v1.WatchVersionsRequest\x1a\x19.mixshow.v1.FusedManifest0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmixshow.proto\x12\nmixshow.v1\"C\n\tFileEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\"\xf2\x01\n\x0f\x43onceptManifest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x14\n\x0c\x63oncept_name\x18\x03 \x01(\t\x12\r\n\x05words\x18\x04 \x03(\t\x12\x12\n\nclass_word\x18\x05 \x01(\t\x12\x0f\n\x07prompts\x18\x06 \x03(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x07 \x01(\t\x12$\n\x05\x66iles\x18\x08 \x03(\x0b\x32\x15.mixshow.v1.FileEntry\x12\x0e\n\x06reused\x18\t \x01(\x08\x12\x10\n\x08withdraw\x18\n \x01(\x08\x12\x11\n\tunchanged\x18\x0b \x01(\x08\"\x8c\x03\n\x0bRoundConfig\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x11\n\tstore_url\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12<\n\x0bupload_urls\x18\x05 \x03(\x0b\x32\'.mixshow.v1.RoundConfig.UploadUrlsEntry\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x12\n\nresolution\x18\x07 \x01(\r\x12\x15\n\rstats_samples\x18\x08 \x01(\r\x12\x0f\n\x07retrain\x18\t \x01(\x08\x12>\n\x0cknown_sha256\x18\n \x03(\x0b\x32(.mixshow.v1.RoundConfig.KnownSha256Entry\x1a\x31\n\x0fUploadUrlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10KnownSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbf\x02\n\rFusedManifest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x10\n\x08\x63oncepts\x18\x05 \x03(\t\x12$\n\x05\x66iles\x18\x06 \x03(\x0b\x32\x15.mixshow.v1.FileEntry\x12\x0f\n\x07\x63reated\x18\x07 \x01(\t\x12+\n\x0cserver_files\x18\x08 \x03(\x0b\x32\x15.mixshow.v1.FileEntry\x12\x11\n\tsignature\x18\t \x01(\x0c\x12\x16\n\x0esigning_key_id\x18\n \x01(\t\x12\x0e\n\x06parent\x18\x0b \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x0c \x03(\t\x12\x10\n\x08replaced\x18\r \x03(\t\x12\x0f\n\x07removed\x18\x0e \x03(\t\"\xa8\x01\n\x0eVersionSummary\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\t\x12\x10\n\x08\x63oncepts\x18\x05 \x03(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x06 \x03(\t\x12\x10\n\x08replaced\x18\x07 \x03(\t\x12\x0f\n\x07removed\x18\x08 \x03(\t\x12\x0e\n\x06signed\x18\t \x01(\x08\"\x15\n\x13ListVersionsRequest\"e\n\x14ListVersionsResponse\x12\x10\n\x08versions\x18\x01 \x03(\t\x12\x0e\n\x06latest\x18\x02 \x01(\t\x12+\n\x07lineage\x18\x03 \x03(\x0b\x32\x1a.mixshow.v1.VersionSummary\"8\n\x11GetVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nwith_state\x18\x02 \x01(\x08\"%\n\x14WatchVersionsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t2\xff\x01\n\x12\x43heckpointRegistry\x12Q\n\x0cListVersions\x12\x1f.mixshow.v1.ListVersionsRequest\x1a .mixshow.v1.ListVersionsResponse\x12\x46\n\nGetVersion\x12\x1d.mixshow.v1.GetVersionRequest\x1a\x19.mixshow.v1.FusedManifest\x12N\n\rWatchVersions\x12 .mixshow.v1.WatchVersionsRequest\x1a\x19.mixshow.v1.FusedManifest0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUNDCONFIG_UPLOADURLSENTRY']._loaded_options = None
   _globals['_ROUNDCONFIG_UPLOADURLSENTRY']._serialized_options = b'8\001'
+  _globals['_ROUNDCONFIG_KNOWNSHA256ENTRY']._loaded_options = None
+  _globals['_ROUNDCONFIG_KNOWNSHA256ENTRY']._serialized_options = b'8\001'
   _globals['_FILEENTRY']._serialized_start=29
   _globals['_FILEENTRY']._serialized_end=96
   _globals['_CONCEPTMANIFEST']._serialized_start=99
-  _globals['_CONCEPTMANIFEST']._serialized_end=304
-  _globals['_ROUNDCONFIG']._serialized_start=307
-  _globals['_ROUNDCONFIG']._serialized_end=587
-  _globals['_ROUNDCONFIG_UPLOADURLSENTRY']._serialized_start=538
-  _globals['_ROUNDCONFIG_UPLOADURLSENTRY']._serialized_end=587
-  _globals['_FUSEDMANIFEST']._serialized_start=590
-  _globals['_FUSEDMANIFEST']._serialized_end=755
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=757
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=778
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=780
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=836
-  _globals['_GETVERSIONREQUEST']._serialized_start=838
-  _globals['_GETVERSIONREQUEST']._serialized_end=874
-  _globals['_WATCHVERSIONSREQUEST']._serialized_start=876
-  _globals['_WATCHVERSIONSREQUEST']._serialized_end=913
-  _globals['_CHECKPOINTREGISTRY']._serialized_start=916
-  _globals['_CHECKPOINTREGISTRY']._serialized_end=1171
+  _globals['_CONCEPTMANIFEST']._serialized_end=341
+  _globals['_ROUNDCONFIG']._serialized_start=344
+  _globals['_ROUNDCONFIG']._serialized_end=740
+  _globals['_ROUNDCONFIG_UPLOADURLSENTRY']._serialized_start=639
+  _globals['_ROUNDCONFIG_UPLOADURLSENTRY']._serialized_end=688
+  _globals['_ROUNDCONFIG_KNOWNSHA256ENTRY']._serialized_start=690
+  _globals['_ROUNDCONFIG_KNOWNSHA256ENTRY']._serialized_end=740
+  _globals['_FUSEDMANIFEST']._serialized_start=743
+  _globals['_FUSEDMANIFEST']._serialized_end=1062
+  _globals['_VERSIONSUMMARY']._serialized_start=1065
+  _globals['_VERSIONSUMMARY']._serialized_end=1233
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1235
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1256
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1258
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1359
+  _globals['_GETVERSIONREQUEST']._serialized_start=1361
+  _globals['_GETVERSIONREQUEST']._serialized_end=1417
+  _globals['_WATCHVERSIONSREQUEST']._serialized_start=1419
+  _globals['_WATCHVERSIONSREQUEST']._serialized_end=1456
+  _globals['_CHECKPOINTREGISTRY']._serialized_start=1459
+  _globals['_CHECKPOINTREGISTRY']._serialized_end=1714
 # @@protoc_insertion_point(module_scope)

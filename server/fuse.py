@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from rich.progress import Progress
-from safetensors.torch import save_file
 
 from server.report import IdentityReport
-from server.state import STATE_FILE, FusionState
+from server.state import FusionState
 from shared.atomic import check_fresh_output, staged_dir
 from shared.base import Base, load_base
 from shared.edlora import (
@@ -32,7 +31,7 @@ from shared.edlora import (
     layer_token_names,
 )
 from shared.errors import InvalidArgument, UserError
-from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, qualified, read_concepts
+from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, STATE_FILE, qualified, read_concepts
 from shared.fusion import DEFAULT_LAM, METHODS, Term, apply_lowrank, fuse_site
 from shared.grams import GramRecorder, group_sites, is_text_side, site_of
 from shared.package import (
@@ -47,6 +46,7 @@ from shared.package import (
 from shared.sampling import generate
 from shared.stats_file import STATS_FILE, Stats
 from shared.storage import sha256_file
+from shared.tensor_files import save_tensors
 from shared.validate import number
 
 GENERIC_PROMPTS = ("a photo of a dog", "a painting of a house", "a red car on the road", "a man in a room",
@@ -128,7 +128,9 @@ class Fusion:
         self.base, self.state, self.records = base, state, records
         self.method, self.lam, self.preserve = method, lam, preserve
         self.n_layers = len(cross_attention_layers(base.unet))
-        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float32
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float32 (the report)
+        self.change: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float64, as solved
+        self.w0: dict[str, torch.Tensor] = {}  # qual -> the base's weight before fusion (as loaded)
         self.kv_grams: dict[str, dict[str, torch.Tensor]] = {}  # concept -> site -> Ĝ (server-computed)
         self.show_progress = show_progress
 
@@ -194,8 +196,11 @@ class Fusion:
                     exact = self.text64.get_submodule(module).weight
                     exact.add_(up.to(exact.device, torch.float64) @ down.to(exact.device, torch.float64))
             up32, down32 = up.float().contiguous(), down.float().contiguous()
-            self.lora[f"{model_name}.{module}"] = (up32, down32)
+            qual = f"{model_name}.{module}"
+            self.lora[qual] = (up32, down32)
+            self.change[qual] = (up.to(torch.float64).cpu(), down.to(torch.float64).cpu())
             layer = model.get_submodule(module)
+            self.w0[qual] = layer.weight.detach().cpu().clone()
             with torch.no_grad():
                 layer.weight.copy_(apply_lowrank(layer.weight, up32, down32))
 
@@ -246,8 +251,24 @@ class Fusion:
         return [states[:, k * length:(k + 1) * length][keep.to(states.device)].cpu() for k in range(self.n_layers)]
 
     # -- outputs -----------------------------------------------------------------------------------------
-    def write(self, stage: Path, info: dict) -> None:
+    def write(self, stage: Path, info: dict, dtype: torch.dtype, lora_dtype: torch.dtype) -> dict:
+        """Write FUSED into `stage`: the folder's weights in `dtype`, every fused weight W0 + ΔW computed in
+        float64 and rounded once; fused_lora.safetensors in `lora_dtype`. Leaves the base's models in `dtype`.
+        Returns the precision record: per choice, the largest relative error of the stored change against
+        the float64 change."""
         base = self.base
+        errors: dict[str, float] = {}
+        for model in (base.unet, base.vae, base.text_encoder):
+            model.to(dtype)
+        with torch.no_grad():
+            for qual, (up, down) in self.change.items():
+                model_name, _, module = qual.partition(".")
+                layer = (base.text_encoder if model_name == "text_encoder" else base.unet).get_submodule(module)
+                exact = up @ down
+                fused = self.w0[qual].to(torch.float64) + exact
+                layer.weight.copy_(fused.to(dtype))
+                stored = layer.weight.to(torch.float64) - self.w0[qual].to(torch.float64)
+                errors[qual] = relative_error(stored, exact)
         pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                                        unet=base.unet, scheduler=base.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
@@ -257,18 +278,46 @@ class Fusion:
                     "n_layers": self.n_layers, "base_fingerprint": info["base_fingerprint"],
                     "base": info["base"], "concepts": self.records}
         (stage / CONCEPTS_FILE).write_text(json.dumps(concepts, indent=2))
-        tensors = {}
-        for qual, (up, down) in self.lora.items():
-            tensors[f"{qual}.lora_A.weight"], tensors[f"{qual}.lora_B.weight"] = down, up
+        tensors, lora_errors = {}, {}
+        for qual, (up, down) in self.change.items():
+            up_out, down_out = balanced_factors(up, down, lora_dtype)
+            tensors[f"{qual}.lora_A.weight"], tensors[f"{qual}.lora_B.weight"] = down_out, up_out
+            lora_errors[qual] = relative_error(up_out.to(torch.float64) @ down_out.to(torch.float64), up @ down)
         for q, _names in self.token_map.words.items():
             record = next(r for r in self.records if q in r["tokens"])
             terms = next(c for c in self.state.concepts if c.name == record["name"])
             emb = terms.emb[q.split("/", 1)[1]]
-            tensors[f"emb.{q}"] = emb.contiguous()
-        save_file(tensors, str(stage / LORA_FILE), metadata={"format": "mixshow-fused-lora",
-                                                             "concepts": json.dumps(concepts)})
+            tensors[f"emb.{q}"] = emb.to(lora_dtype).contiguous()
+        save_tensors(stage / LORA_FILE, tensors, metadata={"format": "mixshow-fused-lora",
+                                                           "concepts": json.dumps(concepts)})
         self.state.save(stage / STATE_FILE, {"method": self.method, "lam": self.lam, "preserve": self.preserve,
                                              "base_fingerprint": info["base_fingerprint"]})
+        return {"folder_dtype": str(dtype).removeprefix("torch."), "lora_dtype": str(lora_dtype).removeprefix("torch."),
+                "folder_change_error": summary(errors), "lora_change_error": summary(lora_errors)}
+
+
+OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    """‖value − exact‖ / ‖exact‖ (Frobenius; 0 for a zero change stored exactly)."""
+    norm = float(exact.norm())
+    return float((value - exact).norm()) / norm if norm else float((value - exact).norm())
+
+
+def summary(errors: dict[str, float]) -> dict[str, float]:
+    values = list(errors.values()) or [0.0]
+    return {"max": max(values), "mean": sum(values) / len(values)}
+
+
+def balanced_factors(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) rescaled to equal norms (same product) and cast to `dtype`: neither factor then underflows
+    or overflows float16 where the other would have had room."""
+    nu, nd = float(up.norm()), float(down.norm())
+    if nu and nd:
+        ratio = (nd / nu) ** 0.5
+        up, down = up * ratio, down / ratio
+    return up.to(dtype).contiguous(), down.to(dtype).contiguous()
 
 
 def preservation_grams(base: Base, sites: dict[str, dict[str, list[str]]], n: int, resolution: int,
@@ -313,8 +362,13 @@ def check_settings(method: str, lam: float, preserve: int, kv_rows: str) -> None
 def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = "gradient", lam: float = DEFAULT_LAM,
          preserve: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          base_config: Path | None = None, from_dir: Path | None = None, remove: list[str] | None = None,
-         kv_rows: str = "all", show_progress: bool = True) -> dict:
+         kv_rows: str = "all", show_progress: bool = True, out_dtype: torch.dtype | None = None,
+         lora_dtype: torch.dtype = torch.float16, origins: dict[str, dict] | None = None) -> dict:
     """Fuse packages into FUSED at `out` (atomically); with `from_dir`, update that fusion instead.
+
+    `dtype` is the dtype the base is loaded and the fusion run in; `out_dtype` the folder's weights on disk
+    (default: the dtype the base itself is stored in), `lora_dtype` fused_lora.safetensors'. `origins`
+    adds fields to a new concept's concepts.json record, by concept name (a round: its client and upload).
 
     Returns the identity-loss report (also written as FUSED/fusion_report.json and .png).
     """
@@ -332,6 +386,9 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
     if base_path is None:
         raise InvalidArgument("base", "is required")
     check_settings(method, lam, preserve, kv_rows)
+    for argument, value in (("out_dtype", out_dtype), ("lora_dtype", lora_dtype)):
+        if value is not None and value not in OUTPUT_DTYPES:
+            raise InvalidArgument(argument, f"{value} is not one of float16, bfloat16, float32")
     base = load_base(base_path, device, dtype, base_config)
     need_stats = method == "gradient"
     dims = module_dims(base)
@@ -367,7 +424,7 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
         preserve_grams = preservation_grams(base, client_sites_of(new_sources), preserve, resolution)
     for src in new_sources:
         state.add(src.meta, src.tensors, src.stats, 1.0, dims)
-        records.append(concept_record(src, n_layers))
+        records.append({**concept_record(src, n_layers), **(origins or {}).get(src.meta.name, {})})
         sources[src.meta.name] = src
     if preserve_grams:
         for site, gram in preserve_grams.items():
@@ -378,7 +435,9 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
     fusion.run()
     report = identity_report(fusion, sources)
     with staged_dir(out) as stage:
-        fusion.write(stage, {"base_fingerprint": base.fingerprint, "base": str(Path(base.source).resolve())})
+        report.data["precision"] = fusion.write(
+            stage, {"base_fingerprint": base.fingerprint, "base": str(Path(base.source).resolve())},
+            out_dtype or base.stored_dtype, lora_dtype)
         report.write(stage)
     return report.data
 

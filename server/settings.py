@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import InvalidArgument, UserError
+from shared.signing import load_signing_key
 from shared.validate import number
 
 if sys.version_info >= (3, 11):
@@ -45,6 +46,9 @@ class RoundSettings:
     stats_samples: int
     retrain: bool
     round_id: str
+    signing_key: Path | None = None  # signs each published version (shared.signing)
+    max_upload_mb: float = 1024.0  # a client's file over this size is refused before it is downloaded
+    remove: tuple[str, ...] = ()  # concepts the operator removes at this round
 
     @classmethod
     def from_config(cls, given: Mapping) -> RoundSettings:
@@ -65,10 +69,32 @@ class RoundSettings:
                    steps=number("steps", cfg["steps"], 0, 10_000_000, integer=True),
                    resolution=number("resolution", cfg["resolution"], 0, 8192, integer=True),
                    stats_samples=number("stats_samples", cfg["stats-samples"], 0, 100_000, integer=True),
-                   retrain=retrain, round_id=str(cfg["round-id"]))
+                   retrain=retrain, round_id=str(cfg["round-id"]),
+                   signing_key=signing_key_path(cfg["signing-key"]),
+                   max_upload_mb=number("max_upload_mb", cfg["max-upload-mb"], 0, 10**7, low_open=True),
+                   remove=names_list(cfg["remove"]))
 
     def run_config(self) -> dict:
         """The settings as `flwr run --run-config` values (kebab-case keys)."""
         return {"store": self.store, "base": str(self.base), "min-clients": self.min_clients, "timeout": self.timeout,
                 "wait": self.wait, "steps": self.steps, "resolution": self.resolution,
-                "stats-samples": self.stats_samples, "retrain": self.retrain, "round-id": self.round_id}
+                "stats-samples": self.stats_samples, "retrain": self.retrain, "round-id": self.round_id,
+                "signing-key": str(self.signing_key or ""), "max-upload-mb": self.max_upload_mb,
+                "remove": ",".join(self.remove)}
+
+
+def names_list(value: object) -> tuple[str, ...]:
+    """The remove setting: concept names separated by commas ("" for none)."""
+    if not isinstance(value, str):
+        raise InvalidArgument("remove", f"{value!r} is not a comma-separated list of concept names")
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def signing_key_path(value: object) -> Path | None:
+    """The signing-key setting: "" for unsigned versions, else a readable Ed25519 key (checked now)."""
+    if not isinstance(value, str):
+        raise InvalidArgument("signing_key", f"{value!r} is not a path")
+    if not value:
+        return None
+    load_signing_key(Path(value))
+    return Path(value).resolve()

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from shared.errors import InvalidArgument, UserError
 from shared.grams import is_text_side, site_of
 from shared.package import ConceptMeta
 from shared.stats_file import Stats
+from shared.tensor_files import save_tensors
 from shared.validate import check_tensors, parse_json
-
-STATE_FILE = "fusion_state.safetensors"
 
 
 @dataclass
@@ -98,7 +97,7 @@ class FusionState:
         meta = {"format": "mixshow-fusion-state",
                 "concepts": json.dumps([{"name": c.name, "weight": c.weight} for c in self.concepts]),
                 "info": json.dumps(info)}
-        save_file(tensors, str(path), metadata=meta)
+        save_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: Path) -> tuple[FusionState, dict]:

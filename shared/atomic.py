@@ -45,26 +45,26 @@ def staged_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def file_beside(path: Path) -> Iterator[Path]:
+    """Yield a temporary file's path beside `path`; when the block succeeds, rename it to `path` (with
+    ordinary permissions: mkstemp makes 0600), when it fails, remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            tmp.unlink()
         raise
 
 
-def write_image_atomic(path: Path, image) -> None:
-    """Save a PIL image as PNG through a temporary file and a rename."""
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    write_bytes_atomic(path, buf.getvalue())
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    with file_beside(path) as tmp:
+        tmp.write_bytes(data)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
@@ -41,6 +42,7 @@ class Base:
     scheduler: SchedulerMixin
     fingerprint: str
     source: str
+    stored_dtype: torch.dtype = torch.float32  # the dtype the base's own files store its UNet in
 
     @property
     def device(self) -> torch.device:
@@ -113,6 +115,30 @@ def fingerprint(models: dict[str, torch.nn.Module], tokenizer: CLIPTokenizer) ->
     return h.hexdigest()
 
 
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+SINGLE_FILE_UNET = "model.diffusion_model."
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The floating dtype most of the base's UNet weights are stored in (read from the safetensors headers;
+    float32 for other formats, which are loaded as float32)."""
+    files = sorted((path / "unet").glob("*.safetensors")) if path.is_dir() else [path]
+    counts: dict[str, int] = {}
+    for file in files:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(file), "pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                    if path.is_dir() or key.startswith(SINGLE_FILE_UNET):
+                        kind = fh.get_slice(key).get_dtype()
+                        counts[kind] = counts.get(kind, 0) + 1
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"cannot read the weights {file}: {exc}") from exc
+    floating = {k: n for k, n in counts.items() if k in SAFETENSORS_DTYPES}
+    return SAFETENSORS_DTYPES[max(floating, key=floating.get)] if floating else torch.float32
+
+
 def load_base(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               config: str | Path | None = None) -> Base:
     """Load a base from a diffusers folder or a single-file checkpoint (with a local config folder).
@@ -126,4 +152,5 @@ def load_base(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     fp = fingerprint({"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}, pipe.tokenizer)
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.to(device=device, dtype=dtype).requires_grad_(False).eval()
-    return Base(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler, fp, str(path))
+    return Base(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler, fp, str(path),
+                stored_dtype(path))

@@ -47,12 +47,21 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tokenizer_files(folder: Path, words: list[str]) -> tuple[Path, Path]:
-    """Write CLIP-style vocab.json and merges.txt into `folder`; return their paths."""
+def write_tokenizer_files(folder: Path, words: list[str], size: int | None = None) -> tuple[Path, Path]:
+    """Write CLIP-style vocab.json and merges.txt into `folder`; return their paths.
+
+    `size`: pad the vocabulary to that many entries (SD's is 49408) with entries no merge produces, so a text
+    encoder built for it has an embedding table of the real size.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     symbols = _byte_symbols()
     merges = learn_merges(words)
-    vocab = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + list(SPECIALS)
+    vocab = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges]
+    if size is not None:
+        if size < len(vocab) + len(SPECIALS):
+            raise ValueError(f"a vocabulary of {size} cannot hold the {len(vocab) + len(SPECIALS)} entries needed")
+        vocab += [f"<|unused{i}|>" for i in range(size - len(vocab) - len(SPECIALS))]
+    vocab += list(SPECIALS)
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
     vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
     merges_path.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))

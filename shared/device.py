@@ -26,9 +26,9 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """Turn 'float32' / 'fp16' / 'bf16' ... into a torch dtype."""
+def parse_dtype(name: str, argument: str = "dtype") -> torch.dtype:
+    """Turn 'float32' / 'fp16' / 'bf16' ... into a torch dtype (InvalidArgument naming `argument`)."""
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise InvalidArgument("dtype", f"{name!r} is not one of {', '.join(DTYPES)}") from None
+        raise InvalidArgument(argument, f"{name!r} is not one of {', '.join(DTYPES)}") from None

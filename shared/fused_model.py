@@ -20,6 +20,7 @@ from shared.errors import UserError
 from shared.validate import check_tensors, parse_json, read_json
 
 CONCEPTS_FILE, LORA_FILE = "concepts.json", "fused_lora.safetensors"
+STATE_FILE = "fusion_state.safetensors"  # the float64 sufficient statistics: only the server needs them
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 

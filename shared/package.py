@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from shared.base import Base
 from shared.edlora import (
@@ -32,6 +32,7 @@ from shared.edlora import (
 from shared.errors import UserError
 from shared.lora import add_lora, import_lora
 from shared.stats_file import STATS_FILE
+from shared.tensor_files import save_tensors
 from shared.validate import check_tensors, read_json
 
 FORMAT_VERSION = 1
@@ -85,8 +86,8 @@ class ConceptMeta:
 def save_package(folder: Path, meta: ConceptMeta, tensors: dict[str, torch.Tensor]) -> None:
     """Write the two package files into `folder` (the caller stages the folder atomically)."""
     check_tensors(tensors, f"package {folder}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_FILE),
-              metadata={"format": "mixshow-edlora", "format_version": str(FORMAT_VERSION)})
+    save_tensors(folder / WEIGHTS_FILE, tensors,
+                 metadata={"format": "mixshow-edlora", "format_version": str(FORMAT_VERSION)})
     (folder / META_FILE).write_text(meta.to_json())
 
 

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from shared.errors import InvalidArgument, UserError
+from shared.tensor_files import save_tensors
 from shared.validate import parse_json
 
 STATS_FILE = "stats.safetensors"
@@ -195,9 +195,7 @@ def write_stats(path: Path, grams: dict[str, torch.Tensor], rows: dict[str, int]
     meta.update({f"rows.{k}": str(n) for k, n in rows.items()})
     meta.update({f"alias.{m}": k for m, k in aliases.items()})
     meta.update({"format": "mixshow-stats", "packing": packing, "info": json.dumps(info)})
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_tensors(path, tensors, meta)
 
 
 class Stats:

@@ -19,6 +19,7 @@ import hashlib
 import io
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from shared.errors import IntegrityError, InvalidArgument, UserError
 
 PART_SIZE = 16 * 1024 * 1024
 S3_RETRIES = 5  # minio's own default policy, with its backoff
+OUTAGE_SECONDS = 120.0  # beyond minio's retries: how long an unreachable endpoint is waited for, per request
 SMALL_LIMIT = 16 * 1024 * 1024  # get_bytes is for manifests and pointers, never for model files
 __all__ = ["FileStore", "IntegrityError", "ObjectInfo", "S3Store", "Store", "open_store", "sha256_file"]
 
@@ -176,6 +178,10 @@ def s3_http_client(ca_bundle: str | None = None):
                                              status_forcelist=[500, 502, 503, 504]))
 
 
+class _Unreachable(Exception):
+    """The S3 endpoint did not answer (the cause is the connection error)."""
+
+
 class S3Store(Store):
     """Objects in an S3 bucket below a prefix, through the minio client."""
 
@@ -209,8 +215,24 @@ class S3Store(Store):
     def _name(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _call(self, action, what: str):
-        """Run `action` (minio retries transient failures itself) and turn what remains into a UserError."""
+    def _call(self, action, what: str, rewind=None):
+        """Run `action` and turn what fails into a UserError. minio retries transient failures itself for a few
+        seconds; an endpoint that stays unreachable is retried here with growing pauses for up to
+        OUTAGE_SECONDS (`rewind` resets an upload's stream before each new attempt)."""
+        deadline, pause = time.monotonic() + OUTAGE_SECONDS, 1.0
+        while True:
+            try:
+                return self._call_once(action, what)
+            except _Unreachable as exc:
+                if time.monotonic() + pause > deadline:
+                    raise UserError(f"{self.url}: cannot {what}: S3 endpoint unreachable for "
+                                    f"{OUTAGE_SECONDS:.0f} s ({exc.__cause__})") from exc.__cause__
+                time.sleep(pause)
+                pause = min(pause * 2, 8.0)
+                if rewind is not None:
+                    rewind()
+
+    def _call_once(self, action, what: str):
         from minio.error import S3Error
         from urllib3.exceptions import HTTPError
 
@@ -223,7 +245,7 @@ class S3Store(Store):
                 raise UserError(f"bucket {self.bucket!r} does not exist at the S3 endpoint") from exc
             raise UserError(f"{self.url}: cannot {what}: {exc.code}: {exc.message}") from exc
         except (HTTPError, OSError) as exc:
-            raise UserError(f"{self.url}: cannot {what}: S3 endpoint unreachable ({exc})") from exc
+            raise _Unreachable() from exc
 
     def put_file(self, key: str, path: Path) -> ObjectInfo:
         digest, size = sha256_file(path), Path(path).stat().st_size
@@ -239,7 +261,7 @@ class S3Store(Store):
         tmp = self._name(f".tmp/{uuid.uuid4().hex}")
         meta = {"sha256": digest}
         self._call(lambda: self.client.put_object(self.bucket, tmp, stream, size, metadata=meta,
-                                                  part_size=PART_SIZE), f"upload {key}")
+                                                  part_size=PART_SIZE), f"upload {key}", rewind=lambda: stream.seek(0))
         try:
             if size > 5 * 1024**3:  # a single copy is limited to 5 GiB
                 self._call(lambda: self.client.compose_object(self.bucket, self._name(key),

@@ -96,7 +96,7 @@ CONFIG_CASES: dict[str, tuple[bytes | str, str]] = {
     "yaml template without {}": ("templates: ['a photo']\n", "must contain {}"),
     "yaml lr a word": ("lr_text: fast\n", "setting lr_text: 'fast' is not a number"),
     "yaml mixed_precision": ("mixed_precision: fp8\n", "must be no, fp16 or bf16"),
-    "yaml preview": ("preview: sometimes\n", "setting preview: 'sometimes' must be none, end"),
+    "yaml preview": ("preview: sometimes\n", "setting preview: 'sometimes' must be auto, none, end"),
     "yaml preview and sample_every": ("preview: end\nsample_every: 3\n", "give preview or sample_every"),
     "yaml unknown key": ("learning_rate: 0.1\n", "unknown setting 'learning_rate'"),
     "yaml not utf-8": (b"steps: 3 # \xff\n", "is not UTF-8"),

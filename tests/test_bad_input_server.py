@@ -290,8 +290,8 @@ def test_pull_from_a_hostile_registry(case, hostile_registry, http_files, tmp_pa
     address = hostile_registry(make(url + "/file"))
     version = "v0003" if case == "another version than asked" else "latest"
     out = tmp_path / "pulled"
-    assert_clean_error(["pull", "--registry", address, "--out", out, "--version", version], tmp_path, expect,
-                       monkeypatch, capsys, out=out)
+    assert_clean_error(["pull", "--registry", address, "--insecure", "--out", out, "--version", version], tmp_path,
+                       expect, monkeypatch, capsys, out=out)
     assert not Path("/tmp/evil").exists()
 
 
@@ -299,8 +299,8 @@ def test_pull_from_an_unreachable_registry(tmp_path, monkeypatch, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert_clean_error(["pull", "--registry", f"127.0.0.1:{port}", "--out", tmp_path / "p"], tmp_path, "unreachable",
-                       monkeypatch, capsys, out=tmp_path / "p")
+    assert_clean_error(["pull", "--registry", f"127.0.0.1:{port}", "--insecure", "--out", tmp_path / "p"], tmp_path,
+                       "unreachable", monkeypatch, capsys, out=tmp_path / "p")
 
 
 # ------------------------------------------------------------------------------------------ registry verb

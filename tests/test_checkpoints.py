@@ -69,3 +69,53 @@ def test_registry_lists_gets_and_watches(fused_three, tmp_path):
         server.stop(0)
     with pytest.raises(UserError, match="unreachable"):
         fetch_manifest(address, "latest", timeout=2)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    import subprocess
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("certs")
+    subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "deploy" / "make-certs.sh"), str(out),
+                    "superlink", "1"], check=True, capture_output=True)
+    return out
+
+
+def test_registry_over_tls_with_a_token_and_client_certificates(fused_three, tmp_path, certs, s3_env, monkeypatch,
+                                                                capsys):
+    from server.registry import RegistrySecurity
+    from shared.registry_client import RegistryAccess
+    from tests.badinput import assert_clean_error
+
+    store = open_store("s3://mixshow/tls")  # presigned download URLs: the registry's reason to be
+    publish(store, fused_three["gradient"])
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    security = RegistrySecurity(certs / "registry.crt", certs / "registry.key", client_ca=certs / "ca.crt",
+                                token="s3cret-token")
+    server = serve(store, 0, poll_seconds=0.1, security=security)
+    address = f"127.0.0.1:{server.mixshow_port}"
+    client = {"certfile": certs / "minio.crt", "keyfile": certs / "minio.key"}  # any certificate of the CA
+    try:
+        good = RegistryAccess(certs / "ca.crt", token="s3cret-token", **client)
+        assert fetch_manifest(address, access=good).version == "v0001"
+        with pytest.raises(UserError, match="refused the request"):  # no token
+            fetch_manifest(address, access=RegistryAccess(certs / "ca.crt", **client), timeout=5)
+        with pytest.raises(UserError, match="refused the request"):  # a wrong token
+            fetch_manifest(address, access=RegistryAccess(certs / "ca.crt", token="guess", **client), timeout=5)
+        with pytest.raises(UserError, match="unreachable"):  # no client certificate: the handshake fails
+            fetch_manifest(address, access=RegistryAccess(certs / "ca.crt", token="s3cret-token"), timeout=5)
+        with pytest.raises(UserError, match="unreachable"):  # plain text to a TLS registry
+            fetch_manifest(address, timeout=5)
+        code, out, err = __import__("tests.badinput", fromlist=["run_mixshow"]).run_mixshow(
+            ["pull", "--registry", address, "--out", tmp_path / "pulled", "--registry-ca", certs / "ca.crt",
+             "--registry-cert", certs / "minio.crt", "--registry-key", certs / "minio.key",
+             "--registry-token-file", token_file], monkeypatch, capsys)
+        assert code == 0 and (tmp_path / "pulled" / "concepts.json").is_file(), err
+    finally:
+        server.stop(0)
+    assert_clean_error(["pull", "--registry", address, "--out", tmp_path / "p"], tmp_path, "--registry-ca",
+                       monkeypatch, capsys, out=tmp_path / "p")
+    assert_clean_error(["registry", "--store", store.url, "--port", "0"], tmp_path, "serves over TLS", monkeypatch,
+                       capsys)

@@ -96,43 +96,81 @@ def round_args(superlink: str, store_url: str, tiny_base: Path, min_clients: int
             "--resolution", "64", "--stats-samples", "1"]
 
 
-def test_round_publishes_and_matches_offline_fusion(federation, tiny_base, tmp_path, monkeypatch, capsys):
-    """`mixshow join` x2, `mixshow round`, `mixshow pull`: the published weights equal an offline `fuse`."""
+def offline_package(store, prefix: str, folder: Path) -> Path:
+    """A client's uploaded package, read back raw from the store (presigned uploads carry no recorded sha256)."""
+    folder.mkdir(parents=True)
+    for name in ("concept.json", "edlora.safetensors", "stats.safetensors"):
+        with store.open(prefix + name) as stream:
+            (folder / name).write_bytes(stream.read())
+    return folder
+
+
+def max_relative_difference(a_dir: Path, b_dir: Path) -> float:
+    worst = 0.0
+    for sub in ("unet", "text_encoder"):
+        a = load_file(str(next((a_dir / sub).glob("*.safetensors"))))
+        b = load_file(str(next((b_dir / sub).glob("*.safetensors"))))
+        worst = max(worst, max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)) for k in a))
+    return worst
+
+
+def test_rounds_build_on_the_latest_version(federation, tiny_base, tmp_path, monkeypatch, capsys):
+    """`mixshow join` x2, `mixshow round`, `mixshow pull`. Round 1 fuses both clients; the published weights
+    equal an offline `fuse` of their uploads. Round 2: red-circle withdraws (`mixshow withdraw`), blue-square's
+    package is unchanged and not uploaded again: v0002 holds blue-square alone and equals an offline fusion of
+    it. Round 3: nothing changed, nothing published. Round 4: red-circle takes its withdrawal back and the
+    operator removes blue-square (`round --remove`): the version holds red-circle alone. The lineage is listed."""
     superlink, procs = federation
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    store_url = "s3://mixshow/e2e"
-    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 15), monkeypatch, capsys)
-    assert code == 0, err
-    assert "finished:completed" in " ".join(out.split())
+    store_url = "s3://mixshow/lineage"
     store = open_store(store_url)
-    assert latest(store) == "v0001"
-    code, out, err = run_cli(["pull", "--store", store_url, "--out", str(tmp_path / "pulled")], monkeypatch, capsys)
+    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 10), monkeypatch, capsys)
+    assert code == 0 and latest(store) == "v0001", err
+    assert "finished:completed" in " ".join(out.split())
+    first = get_manifest(store, "v0001")
+    uploads = {k.split("/")[1] for k in store.list("rounds/")}
+    assert sorted(first.concepts) == ["blue-square", "red-circle"] and len(uploads) == 1
+    code, out, err = run_cli(["pull", "--store", store_url, "--out", str(tmp_path / "v1")], monkeypatch, capsys)
     assert code == 0 and "every sha256 verified" in " ".join(out.split()), err
-    manifest = get_manifest(store, "v0001")
-    assert sorted(manifest.concepts) == ["blue-square", "red-circle"]
-    # the same packages fused offline give the same weights
-    round_keys = [k for k in store.list("rounds/") if k.endswith("concept.json")]
-    assert len(round_keys) == 2
-    packages = []
-    for key in round_keys:
-        folder = tmp_path / "offline" / key.split("/")[2]
-        folder.mkdir(parents=True)
-        for name in ("concept.json", "edlora.safetensors", "stats.safetensors"):  # presigned uploads carry no
-            with store.open(key.replace("concept.json", name)) as stream:   # recorded sha256: read them raw
-                (folder / name).write_bytes(stream.read())
-        packages.append(folder)
-    order = {c: i for i, c in enumerate(manifest.concepts)}
-    packages.sort(key=lambda p: order[__import__("json").loads((p / "concept.json").read_text())["name"]])
-    fuse(tiny_base, packages, tmp_path / "offline-fused", show_progress=False)
-    for sub in ("unet", "text_encoder"):
-        a = load_file(str(next((tmp_path / "pulled" / sub).glob("*.safetensors"))))
-        b = load_file(str(next((tmp_path / "offline-fused" / sub).glob("*.safetensors"))))
-        assert max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)) for k in a) <= 1e-6
-    base, encoder, concepts = load_fused(tmp_path / "pulled")
+    records = __import__("json").loads((tmp_path / "v1" / "concepts.json").read_text())["concepts"]
+    offline = [offline_package(store, r["source"], tmp_path / "offline" / r["name"]) for r in records]
+    fuse(tiny_base, offline, tmp_path / "offline-v1", show_progress=False)
+    assert max_relative_difference(tmp_path / "v1", tmp_path / "offline-v1") <= 1e-6
+    base, encoder, concepts = load_fused(tmp_path / "v1")
     images = [generate(base, encoder, [expand_prompt(f"a photo of a <{c}>", concepts)], seed=0, steps=3, height=64,
-                       width=64)[0] for c in manifest.concepts]
+                       width=64)[0] for c in first.concepts]
     assert images[0].tobytes() != images[1].tobytes()
     assert torch.tensor(list(images[0].getdata())).float().std() > 0
+
+    red_work = str(tmp_path / "clients" / "red-circle")
+    code, out, err = run_cli(["withdraw", "--name", "red-circle", "--work-dir", red_work], monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 10), monkeypatch, capsys)
+    assert code == 0 and latest(store) == "v0002", err
+    second = get_manifest(store, "v0002")
+    assert list(second.concepts) == ["blue-square"] and second.parent == "v0001"
+    assert list(second.removed) == ["red-circle"] and not second.added and not second.replaced
+    assert {k.split("/")[1] for k in store.list("rounds/")} == uploads  # nobody uploaded again
+    pull(store, tmp_path / "v2", "v0002")
+    record = next(c for c in __import__("json").loads((tmp_path / "v2" / "concepts.json").read_text())["concepts"])
+    blue = offline_package(store, record["source"], tmp_path / "offline-2" / "blue")
+    fuse(tiny_base, [blue], tmp_path / "offline-v2", show_progress=False)
+    assert max_relative_difference(tmp_path / "v2", tmp_path / "offline-v2") <= 1e-6
+
+    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 10), monkeypatch, capsys)
+    assert code == 0 and latest(store) == "v0002", err  # nothing changed: no new version
+
+    run_cli(["withdraw", "--undo", "--name", "red-circle", "--work-dir", red_work], monkeypatch, capsys)
+    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 10) + ["--remove", "blue-square"],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    final = get_manifest(store, latest(store))
+    assert list(final.concepts) == ["red-circle"] and final.parent == "v0002"
+    assert list(final.added) == ["red-circle"] and list(final.removed) == ["blue-square"]
+    pull(store, tmp_path / "v1-again", "v0001")  # older versions stay pullable
+    code, out, err = run_cli(["registry", "--store", store_url, "--list"], monkeypatch, capsys)
+    listed = " ".join(out.split())
+    assert code == 0 and "v0001" in listed and "v0002" in listed and final.version in listed, err
 
 
 def test_round_against_a_missing_superlink_fails_cleanly(tiny_base, tmp_path, monkeypatch, capsys):

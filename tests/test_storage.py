@@ -70,6 +70,7 @@ def test_bad_store_urls(s3_env, monkeypatch):
         open_store("ftp://host/x")
     monkeypatch.setenv("MIXSHOW_S3_ENDPOINT", "127.0.0.1:9")  # nothing listens there
     monkeypatch.setattr("shared.storage.S3_RETRIES", 1)
+    monkeypatch.setattr("shared.storage.OUTAGE_SECONDS", 1.0)  # and no waiting for it to come back
     with pytest.raises(UserError, match="unreachable"):
         open_store("s3://mixshow/x")
 
@@ -168,3 +169,41 @@ def test_download_stops_at_the_announced_size(tmp_path):
         download_verified(lambda: contextlib.nullcontext(Endless()), tmp_path / "f.bin",
                           hashlib.sha256(b"x").hexdigest(), 1000, "test")
     assert Endless.read_total == 1001 and not list(tmp_path.iterdir())
+
+
+def test_presigned_urls_write_only_their_own_key_and_expire(s3_with_auth, tmp_path, monkeypatch):
+    """On a server that checks signatures: a client's presigned PUT cannot be bent to another client's key,
+    and is refused once it has expired."""
+    import time
+    import urllib.error
+    from datetime import timedelta
+
+    from minio import Minio
+
+    endpoint, access, secret = s3_with_auth
+    Minio(endpoint, access_key=access, secret_key=secret, secure=False, region="us-east-1").make_bucket("mixshow")
+    for name, value in (("ENDPOINT", endpoint), ("ACCESS_KEY", access), ("SECRET_KEY", secret), ("SECURE", "0"),
+                        ("REGION", "us-east-1")):
+        monkeypatch.setenv(f"MIXSHOW_S3_{name}", value)
+    store = open_store("s3://mixshow/fed")
+
+    def put(url: str, data: bytes) -> int:
+        request = urllib.request.Request(url, data=data, method="PUT",
+                                         headers={"Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    own = store.presigned_put("rounds/r1/alice/edlora.safetensors", expires=timedelta(seconds=3))
+    assert put(own, b"alice's") == 200
+    other = own.replace("/rounds/r1/alice/", "/rounds/r1/bob/")  # the same signature on bob's key
+    assert other != own and put(other, b"forged") == 403
+    assert store.info("rounds/r1/bob/edlora.safetensors") is None
+    manifest_key = own.replace("edlora.safetensors", "concept.json")  # another file of the same client
+    assert put(manifest_key, b"{}") == 403
+    time.sleep(4)
+    assert put(own, b"replayed later") == 403  # expired
+    with store.open("rounds/r1/alice/edlora.safetensors") as stream:
+        assert stream.read() == b"alice's"

@@ -32,7 +32,7 @@ from shared.validate import number
 from world.scenes import caption_variants, random_scene, render, world_words
 
 SIZE = 64
-LATENT_CHANNELS = 8  # 16 x 16 x 8 latents: a 12x smaller code than the pixels leaves room for exact colours
+LATENT_CHANNELS = 16  # 16 x 16 x 16 latents: a code 3x smaller than the pixels keeps fine textures and exact colours
 MAX_TOKENS = 32  # world captions are at most ~25 tokens; a shorter context makes every cross-attention cheaper
 
 
@@ -40,22 +40,23 @@ MAX_TOKENS = 32  # world captions are at most ~25 tokens; a shorter context make
 class BaseTraining:
     """Every setting of `make-shapes-base`."""
 
-    vae_steps: int = 1200
+    vae_steps: int = 1000
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    decoder_steps: int = 1500  # the decoder alone, after the autoencoder: the latent space (and the UNet) unchanged
-    steps: int = 3000
+    decoder_steps: int = 800  # the decoder alone, after the autoencoder: the latent space (and the UNet) unchanged
+    steps: int = 7500
     batch: int = 32
-    lr: float = 6e-4
+    lr: float = 8e-4
     warmup: int = 200
     caption_dropout: float = 0.1
+    scenes: int = 32_000  # distinct training scenes, encoded once (rendering + encoding cost a third of a step)
     checkpoint_every: int = 250
     seed: int = 0
-    minutes: float = 50.0  # stop the UNet phase when the whole run reaches this budget (the weights so far are used)
+    minutes: float = 52.0  # stop the UNet phase when the whole run reaches this budget (the weights so far are used)
 
     def check(self) -> BaseTraining:
         number("decoder_steps", self.decoder_steps, 0, 10_000_000, integer=True)
-        for name in ("vae_steps", "vae_batch", "steps", "batch", "checkpoint_every"):
+        for name in ("vae_steps", "vae_batch", "steps", "batch", "checkpoint_every", "scenes"):
             number(name, getattr(self, name), 1, 10_000_000, integer=True)
         number("warmup", self.warmup, 0, 10_000_000, integer=True)
         for name in ("vae_lr", "lr"):
@@ -69,7 +70,7 @@ class BaseTraining:
 def build_components(work: Path) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
     """The untrained components (the tokenizer's files are written into `work`).
 
-    Group norms have several channels per group (autoencoder 8 groups of 4-8, UNet 16 groups of 4-8): with one
+    Group norms have several channels per group (autoencoder 8 groups of 4-8, UNet 8 groups of 4-16): with one
     channel per group a GroupNorm is an instance norm, which removes each channel's mean over the image, and
     the first autoencoder trained here could not reproduce a flat background's colour.
     """
@@ -81,9 +82,9 @@ def build_components(work: Path) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DCo
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     unet = UNet2DConditionModel(
         sample_size=SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
-        block_out_channels=(64, 128, 128),
+        block_out_channels=(32, 64, 128),
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         latent_channels=LATENT_CHANNELS, layers_per_block=1, norm_num_groups=8, sample_size=SIZE)
@@ -100,7 +101,8 @@ def scene_batch(first_seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
     """Renders (count, 3, 64, 64) in [-1, 1] and captions of the seeded scenes first_seed ... first_seed+count-1."""
     images, captions = [], []
     for seed in range(first_seed, first_seed + count):
-        scene = random_scene(seed)
+        # every third scene has one object: 60% single-object scenes in all, the prompts users start from
+        scene = random_scene(seed, n_objects=1 if seed % 3 == 0 else None)
         images.append(np.asarray(render(scene, SIZE).image, dtype=np.float32))
         captions.append(caption_variants(scene, random.Random(seed + 1)))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
@@ -142,36 +144,53 @@ class Checkpoint:
         return json.loads(self.meta.read_text())
 
 
-def _progress(label: str) -> Progress:
+def _progress(label: str, show: bool) -> Progress:
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn())
+                    TimeRemainingColumn(), disable=not show)
 
 
-def train_vae(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: bool = True) -> float:
-    """Reconstruction (MSE + L1, which keeps flat colours exact) + a small KL term on world renders, decoding
-    the posterior's mean: sampling it while its variance is still untrained buried the latents in unit noise
-    and made the first run's autoencoder wash every colour out. Returns the latents' scaling factor 1/std."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    ckpt = Checkpoint(work, "vae")
+def _autoencoder_phase(vae: AutoencoderKL, cfg: BaseTraining, work: Path, phase: str, params: list,
+                       steps: int, first_seed: int, loss_of: Callable[[torch.Tensor], torch.Tensor],
+                       lr_at: Callable[[int], float], show_progress: bool) -> None:
+    """One resumable phase of autoencoder training: AdamW on `params`, `loss_of(pixels)` per batch of renders."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
+    ckpt = Checkpoint(work, phase)
     state = ckpt.load({"vae": vae}, optimizer) or {"step": 0, "losses": []}
     losses: list[float] = state["losses"]
-    vae.train()
-    with _progress("vae") as progress:
-        task = progress.add_task("vae", total=cfg.vae_steps, completed=state["step"], loss="-")
-        for step in range(state["step"], cfg.vae_steps):
-            pixels, _ = scene_batch(10_000_000 + step * cfg.vae_batch, cfg.vae_batch)
-            posterior = vae.encode(pixels).latent_dist
-            recon = vae.decode(posterior.mode()).sample
-            loss = F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
+    with _progress(phase, show_progress) as progress:
+        task = progress.add_task(phase, total=steps, completed=state["step"], loss="-")
+        for step in range(state["step"], steps):
+            pixels, _ = scene_batch(first_seed + step * cfg.vae_batch, cfg.vae_batch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            loss = loss_of(pixels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
             progress.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 ckpt.save({"vae": vae}, optimizer, step + 1, {"losses": losses})
     vae.eval().requires_grad_(False)
+
+
+def reconstruction_loss(recon: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """MSE + L1: the L1 term keeps flat colours exact."""
+    return F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels)
+
+
+def train_vae(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: bool = True) -> float:
+    """Reconstruction + a small KL term on world renders, decoding the posterior's mean: sampling it while its
+    variance is still untrained buried the latents in unit noise and made the first run's autoencoder wash
+    every colour out. Returns the latents' scaling factor 1/std."""
+    def loss_of(pixels: torch.Tensor) -> torch.Tensor:
+        posterior = vae.encode(pixels).latent_dist
+        return reconstruction_loss(vae.decode(posterior.mode()).sample, pixels) + 1e-6 * posterior.kl().mean()
+
+    vae.train()
+    _autoencoder_phase(vae, cfg, work, "vae", list(vae.parameters()), cfg.vae_steps, 10_000_000, loss_of,
+                       lambda step: cfg.vae_lr, show_progress)
     with torch.no_grad():
         pixels, _ = scene_batch(20_000_000, 64)
         std = float(vae.encode(pixels).latent_dist.mean.std())
@@ -182,33 +201,44 @@ def finetune_decoder(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_pro
     """Train the decoder alone on the frozen encoder's latents (SD's own VAE was improved this way): sharper,
     truer colours, and since the encoder is untouched the latents the UNet learns on stay the same."""
     decoder = [vae.decoder, vae.post_quant_conv]
-    params = [p for m in decoder for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
-    ckpt = Checkpoint(work, "decoder")
-    state = ckpt.load({"vae": vae}, optimizer) or {"step": 0, "losses": []}
-    losses: list[float] = state["losses"]
     vae.requires_grad_(False)
     for m in decoder:
         m.requires_grad_(True).train()
-    with _progress("decoder") as progress:
-        task = progress.add_task("decoder", total=cfg.decoder_steps, completed=state["step"], loss="-")
-        for step in range(state["step"], cfg.decoder_steps):
-            pixels, _ = scene_batch(30_000_000 + step * cfg.vae_batch, cfg.vae_batch)
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.mode()
-            lr = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            recon = vae.decode(latents).sample
-            loss = F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            progress.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.decoder_steps:
-                ckpt.save({"vae": vae}, optimizer, step + 1, {"losses": losses})
-    vae.eval().requires_grad_(False)
+
+    def loss_of(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mode()
+        return reconstruction_loss(vae.decode(latents).sample, pixels)
+
+    params = [p for m in decoder for p in m.parameters()]
+    _autoencoder_phase(vae, cfg, work, "decoder", params, cfg.decoder_steps, 30_000_000, loss_of,
+                       lambda step: cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps)),
+                       show_progress)
+
+
+def encoded_scenes(tokenizer: CLIPTokenizer, vae: AutoencoderKL, scaling: float, cfg: BaseTraining, work: Path,
+                   show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, caption token ids) of the seeded training scenes 0 ... cfg.scenes-1, encoded once by the
+    autoencoder's posterior mean (as it decodes) and kept in `work/scenes.safetensors` for resuming."""
+    path = work / "scenes.safetensors"
+    if path.is_file():
+        cached = load_file(str(path))
+        if cached["latents"].shape[0] == cfg.scenes:
+            return cached["latents"], cached["ids"]
+    latents, ids, chunk = [], [], 64
+    with _progress("encode scenes", show_progress) as progress, torch.no_grad():
+        task = progress.add_task("scenes", total=cfg.scenes, loss="-")
+        for start in range(0, cfg.scenes, chunk):
+            pixels, captions = scene_batch(start, min(chunk, cfg.scenes - start))
+            latents.append(vae.encode(pixels).latent_dist.mode() * scaling)
+            ids.append(tokenizer(captions, padding="max_length", truncation=True, max_length=MAX_TOKENS,
+                                 return_tensors="pt").input_ids)
+            progress.update(task, completed=start + len(captions))
+    out = {"latents": torch.cat(latents).contiguous(), "ids": torch.cat(ids).contiguous()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(out, str(tmp))
+    tmp.replace(path)
+    return out["latents"], out["ids"]
 
 
 def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
@@ -224,21 +254,23 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
     gen = torch.Generator().manual_seed(cfg.seed + state["step"])
     lr_at: Callable[[int], float] = lambda s: cfg.lr * min(1.0, (s + 1) / max(1, cfg.warmup)) * \
         0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))  # noqa: E731
+    all_latents, all_ids = encoded_scenes(tokenizer, vae, scaling, cfg, work, show_progress)
+    empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
     unet.train()
     text_encoder.train()
     step = state["step"]
-    with _progress("unet + text encoder") as progress:
+    with _progress("unet + text encoder", show_progress) as progress:
         task = progress.add_task("unet", total=cfg.steps, completed=step, loss="-")
         while step < cfg.steps and time.monotonic() < deadline:
-            pixels, captions = scene_batch(step * cfg.batch, cfg.batch)
-            drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.mode() * scaling  # the mean, as the autoencoder decodes
+            # each pass over the scenes in its own seeded order
+            first = step * cfg.batch
+            order = torch.randperm(cfg.scenes, generator=torch.Generator().manual_seed(cfg.seed + first // cfg.scenes))
+            pick = order[torch.arange(first, first + cfg.batch) % cfg.scenes]
+            latents, ids = all_latents[pick], all_ids[pick].clone()
+            drop = torch.rand(len(pick), generator=gen) < cfg.caption_dropout
+            ids[drop] = empty
             noise = torch.randn(latents.shape, generator=gen)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-            ids = tokenizer(captions, padding="max_length", truncation=True, max_length=MAX_TOKENS,
-                            return_tensors="pt").input_ids
             pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
             loss = F.mse_loss(pred, noise)
             for group in optimizer.param_groups:
