@@ -29,7 +29,7 @@ def demo_apps(settings: RoundSettings, nodes: list[dict], outcome_file: Path) ->
     def main(grid: Grid, context: Context) -> None:
         outcome = run_round(grid, settings)
         outcome_file.write_text(json.dumps({"published": outcome.published, "clients": outcome.clients,
-                                            "round_id": outcome.round_id}))
+                                            "round_id": outcome.round_id, "server_seconds": outcome.seconds}))
 
     client_app = ClientApp()
 

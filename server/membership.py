@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from protos import mixshow_pb2 as pb
 from server.fuse import fuse, read_source
 from shared.base import Base
-from shared.checkpoints import latest, pull
+from shared.checkpoints import get_manifest, latest, pull
 from shared.errors import UserError
 from shared.fused_model import CONCEPTS_FILE, read_concepts
 from shared.package import META_FILE, PACKAGE_FILES
@@ -35,9 +35,11 @@ class Previous:
     records: list[dict] = field(default_factory=list)
 
     @classmethod
-    def pull(cls, store: Store, folder: Path, trust: Ed25519PublicKey | None) -> Previous:
+    def pull(cls, store: Store, folder: Path, trust: Ed25519PublicKey | None, fingerprint: str) -> Previous:
+        """The latest version with its state; none when there is none, or when it was fused on another base
+        (a new base starts a new lineage: its clients train for it anew)."""
         name = latest(store)
-        if name is None:
+        if name is None or get_manifest(store, name).base_fingerprint != fingerprint:
             return cls()
         pull(store, folder, name, with_state=True, trust=trust)
         return cls(name, folder, list(read_concepts(folder)["concepts"]))

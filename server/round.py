@@ -41,6 +41,7 @@ class RoundOutcome:
     round_id: str
     published: str | None = None
     clients: dict[str, str] = field(default_factory=dict)  # node id -> outcome text
+    seconds: dict[str, float] = field(default_factory=dict)  # the server's own work: verify, fuse, publish
 
 
 def wait_for_nodes(grid: Grid, wanted: int, seconds: float) -> list[int]:
@@ -85,7 +86,7 @@ def _locked_round(grid: Grid, settings: RoundSettings, store, base, round_id: st
     key = load_signing_key(settings.signing_key) if settings.signing_key else None
     work = Path(tempfile.mkdtemp(prefix=f"mixshow-round-{round_id}-"))
     try:
-        previous = Previous.pull(store, work / "previous", key.public_key() if key else None)
+        previous = Previous.pull(store, work / "previous", key.public_key() if key else None, base.fingerprint)
         nodes = wait_for_nodes(grid, settings.min_clients, settings.wait)
         if len(nodes) < settings.min_clients:
             raise UserError(f"round {round_id}: only {len(nodes)} of {settings.min_clients} clients connected")
@@ -101,7 +102,7 @@ def _locked_round(grid: Grid, settings: RoundSettings, store, base, round_id: st
         changes = Changes(previous)
         for name in settings.remove:
             changes.remove_by_operator(name)
-        valid = 0
+        valid, started = 0, time.monotonic()
         for reply in replies:
             node = str(by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id))
             if reply.has_error():
@@ -113,6 +114,7 @@ def _locked_round(grid: Grid, settings: RoundSettings, store, base, round_id: st
                 valid += 1
             except UserError as exc:
                 outcome.clients[node] = f"rejected: {exc}"
+        outcome.seconds["verify"] = round(time.monotonic() - started, 3)
         log(outcome, valid)
         if valid < settings.min_clients:
             raise UserError(f"round {round_id} failed: {valid} valid replies, {settings.min_clients} needed; "
@@ -120,8 +122,11 @@ def _locked_round(grid: Grid, settings: RoundSettings, store, base, round_id: st
         if not changes.any():
             console.print(f"round {round_id}: nothing changed; {previous.version} stays the latest version")
             return outcome
+        started = time.monotonic()
         folder = changes.fuse(settings.base, store, work)
+        outcome.seconds["fuse"], started = round(time.monotonic() - started, 3), time.monotonic()
         manifest = publish(store, folder, round_id, signing_key=key, lineage=changes.lineage())
+        outcome.seconds["publish"] = round(time.monotonic() - started, 3)
         outcome.published = manifest.version
         console.print(f"round {round_id}: published fused version {manifest.version} with "
                       f"{', '.join(manifest.concepts)} (parent {manifest.parent or 'none'}; added "

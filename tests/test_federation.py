@@ -6,7 +6,9 @@ The clients hold no storage credentials: they upload through presigned PUT URLs.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,7 +59,8 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 @pytest.fixture
 def federation(tmp_path, tiny_base, toys, s3_env, s3_server):
-    """SuperLink (with the store's credentials, for the ServerApp) + 2 SuperNodes (without any)."""
+    """SuperLink (with the store's credentials, for the ServerApp) + 2 SuperNodes (without any); yields
+    (address, processes, join) where join(name) starts one more SuperNode. Each client's data is its own copy."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     base_env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
@@ -77,14 +80,19 @@ def federation(tmp_path, tiny_base, toys, s3_env, s3_server):
                 if time.monotonic() > deadline:
                     raise RuntimeError((tmp_path / "superlink.log").read_text()[-2000:]) from None
                 time.sleep(0.5)
-        for name in ("red-circle", "blue-square"):  # `mixshow join` execs the SuperNode: same PID
+        def join(name: str) -> None:  # `mixshow join` execs the SuperNode: same PID
             words, cls = TOY_WORDS[name]
+            data = tmp_path / "data" / name
+            shutil.copytree(toys / name, data)
             procs.append(start([str(BIN / "mixshow"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
-                                "--data", str(toys / name), "--words", " ".join(words), "--class-word", cls,
+                                "--data", str(data), "--words", " ".join(words), "--class-word", cls,
                                 "--base", str(tiny_base), "--name", name, "--port", str(free_port()),
                                 "--work-dir", str(tmp_path / "clients" / name)],
                                client_env, tmp_path / f"supernode-{name}.log"))
-        yield f"127.0.0.1:{port}", procs
+
+        for name in ("red-circle", "blue-square"):
+            join(name)
+        yield f"127.0.0.1:{port}", procs, join
     finally:
         stop(procs)
         assert all(p.poll() is not None for p in procs)
@@ -114,63 +122,76 @@ def max_relative_difference(a_dir: Path, b_dir: Path) -> float:
     return worst
 
 
+def fused_set(store, version: str, tmp_path: Path, tiny_base: Path) -> float:
+    """Pull `version`, fuse its concepts' own uploads offline, and return the largest relative difference."""
+    pulled = tmp_path / f"pulled-{version}"
+    pull(store, pulled, version)
+    records = json.loads((pulled / "concepts.json").read_text())["concepts"]
+    offline = [offline_package(store, r["source"], tmp_path / f"offline-{version}" / r["name"]) for r in records]
+    fuse(tiny_base, offline, tmp_path / f"offline-fused-{version}", show_progress=False)
+    return max_relative_difference(pulled, tmp_path / f"offline-fused-{version}")
+
+
 def test_rounds_build_on_the_latest_version(federation, tiny_base, tmp_path, monkeypatch, capsys):
-    """`mixshow join` x2, `mixshow round`, `mixshow pull`. Round 1 fuses both clients; the published weights
-    equal an offline `fuse` of their uploads. Round 2: red-circle withdraws (`mixshow withdraw`), blue-square's
-    package is unchanged and not uploaded again: v0002 holds blue-square alone and equals an offline fusion of
-    it. Round 3: nothing changed, nothing published. Round 4: red-circle takes its withdrawal back and the
-    operator removes blue-square (`round --remove`): the version holds red-circle alone. The lineage is listed."""
-    superlink, procs = federation
+    """`mixshow join`, `mixshow round`, `mixshow pull`, three rounds of a lineage. Round 1: clients A
+    (red-circle) and B (blue-square). Round 2: C (green-triangle) joins, B updates its package, A's is
+    unchanged and not uploaded again. Round 3: A withdraws (`mixshow withdraw`). Each version's weights equal
+    an offline fusion of its set. Then: a round that changes nothing publishes nothing; the operator removes a
+    concept (`round --remove`); the lineage is listed and older versions stay pullable."""
+    superlink, procs, join = federation
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     store_url = "s3://mixshow/lineage"
     store = open_store(store_url)
-    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 10), monkeypatch, capsys)
-    assert code == 0 and latest(store) == "v0001", err
-    assert "finished:completed" in " ".join(out.split())
+
+    def run_round(*extra: str) -> None:
+        code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 10) + list(extra), monkeypatch,
+                                 capsys)
+        assert code == 0 and "finished:completed" in " ".join(out.split()), err
+
+    run_round()
     first = get_manifest(store, "v0001")
-    uploads = {k.split("/")[1] for k in store.list("rounds/")}
-    assert sorted(first.concepts) == ["blue-square", "red-circle"] and len(uploads) == 1
-    code, out, err = run_cli(["pull", "--store", store_url, "--out", str(tmp_path / "v1")], monkeypatch, capsys)
-    assert code == 0 and "every sha256 verified" in " ".join(out.split()), err
-    records = __import__("json").loads((tmp_path / "v1" / "concepts.json").read_text())["concepts"]
-    offline = [offline_package(store, r["source"], tmp_path / "offline" / r["name"]) for r in records]
-    fuse(tiny_base, offline, tmp_path / "offline-v1", show_progress=False)
-    assert max_relative_difference(tmp_path / "v1", tmp_path / "offline-v1") <= 1e-6
-    base, encoder, concepts = load_fused(tmp_path / "v1")
+    assert sorted(first.concepts) == ["blue-square", "red-circle"] and not first.parent
+    assert fused_set(store, "v0001", tmp_path, tiny_base) <= 1e-6
+    base, encoder, concepts = load_fused(tmp_path / "pulled-v0001")
     images = [generate(base, encoder, [expand_prompt(f"a photo of a <{c}>", concepts)], seed=0, steps=3, height=64,
                        width=64)[0] for c in first.concepts]
     assert images[0].tobytes() != images[1].tobytes()
     assert torch.tensor(list(images[0].getdata())).float().std() > 0
 
-    red_work = str(tmp_path / "clients" / "red-circle")
-    code, out, err = run_cli(["withdraw", "--name", "red-circle", "--work-dir", red_work], monkeypatch, capsys)
-    assert code == 0, err
-    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 10), monkeypatch, capsys)
-    assert code == 0 and latest(store) == "v0002", err
-    second = get_manifest(store, "v0002")
-    assert list(second.concepts) == ["blue-square"] and second.parent == "v0001"
-    assert list(second.removed) == ["red-circle"] and not second.added and not second.replaced
-    assert {k.split("/")[1] for k in store.list("rounds/")} == uploads  # nobody uploaded again
-    pull(store, tmp_path / "v2", "v0002")
-    record = next(c for c in __import__("json").loads((tmp_path / "v2" / "concepts.json").read_text())["concepts"])
-    blue = offline_package(store, record["source"], tmp_path / "offline-2" / "blue")
-    fuse(tiny_base, [blue], tmp_path / "offline-v2", show_progress=False)
-    assert max_relative_difference(tmp_path / "v2", tmp_path / "offline-v2") <= 1e-6
+    def uploads_of(version: str) -> set[str]:  # the nodes that uploaded in the round that made `version`
+        return {k.split("/")[2] for k in store.list(f"rounds/{get_manifest(store, version).round_id}/")}
 
-    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 10), monkeypatch, capsys)
-    assert code == 0 and latest(store) == "v0002", err  # nothing changed: no new version
+    join("green-triangle")
+    blue = tmp_path / "data" / "blue-square"  # B has a new picture, and trains its package anew
+    shutil.copy(next(blue.glob("*.png")), blue / "new.png")
+    shutil.copy(next(blue.glob("*.txt")), blue / "new.txt")
+    shutil.rmtree(next((tmp_path / "clients" / "blue-square").glob("*/blue-square")))
+    run_round()
+    second = get_manifest(store, latest(store))
+    assert second.version == "v0002" and second.parent == "v0001"
+    assert sorted(second.concepts) == ["blue-square", "green-triangle", "red-circle"]
+    assert list(second.added) == ["green-triangle"] and list(second.replaced) == ["blue-square"]
+    assert not second.removed and len(uploads_of("v0002")) == 2  # A uploaded nothing
+    assert fused_set(store, "v0002", tmp_path, tiny_base) <= 1e-6
 
-    run_cli(["withdraw", "--undo", "--name", "red-circle", "--work-dir", red_work], monkeypatch, capsys)
-    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 10) + ["--remove", "blue-square"],
-                             monkeypatch, capsys)
+    code, out, err = run_cli(["withdraw", "--name", "red-circle", "--work-dir", str(tmp_path / "clients" /
+                                                                                 "red-circle")], monkeypatch, capsys)
     assert code == 0, err
+    run_round()
+    third = get_manifest(store, latest(store))
+    assert third.version == "v0003" and third.parent == "v0002" and list(third.removed) == ["red-circle"]
+    assert sorted(third.concepts) == ["blue-square", "green-triangle"] and not uploads_of("v0003")
+    assert fused_set(store, "v0003", tmp_path, tiny_base) <= 1e-6
+
+    run_round()
+    assert latest(store) == "v0003"  # nothing changed: no new version
+    run_round("--remove", "green-triangle")
     final = get_manifest(store, latest(store))
-    assert list(final.concepts) == ["red-circle"] and final.parent == "v0002"
-    assert list(final.added) == ["red-circle"] and list(final.removed) == ["blue-square"]
+    assert list(final.concepts) == ["blue-square"] and list(final.removed) == ["green-triangle"]
     pull(store, tmp_path / "v1-again", "v0001")  # older versions stay pullable
     code, out, err = run_cli(["registry", "--store", store_url, "--list"], monkeypatch, capsys)
     listed = " ".join(out.split())
-    assert code == 0 and "v0001" in listed and "v0002" in listed and final.version in listed, err
+    assert code == 0 and all(v in listed for v in ("v0001", "v0002", "v0003", final.version)), err
 
 
 def test_round_against_a_missing_superlink_fails_cleanly(tiny_base, tmp_path, monkeypatch, capsys):
@@ -183,7 +204,8 @@ def test_round_against_a_missing_superlink_fails_cleanly(tiny_base, tmp_path, mo
 def test_server_rejects_an_upload_changed_after_its_manifest(three_packages, tiny_base, s3_env, tmp_path):
     from client.round import upload
     from protos import mixshow_pb2 as pb
-    from server.round import round_config, verify
+    from server.membership import verify
+    from server.round import round_config
     from shared.base import load_base
     from shared.storage import IntegrityError
 
@@ -221,11 +243,11 @@ def test_a_client_killed_mid_round(min_clients, federation, tiny_base, fused_thr
 
     from shared.checkpoints import publish
 
-    superlink, procs = federation
+    superlink, procs, _ = federation
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     store_url = f"s3://mixshow/kill-{min_clients}"
     store = open_store(store_url)
-    previous = publish(store, fused_three["average"]).version
+    previous = publish(store, fused_three["average"]).version if min_clients == 2 else None
     victim = threading.Thread(target=_kill_when_training, args=(procs[2], tmp_path / "supernode-blue-square.log"))
     victim.start()
     try:

@@ -49,6 +49,11 @@ class BaseTraining:
     lr: float = 8e-4
     warmup: int = 200
     caption_dropout: float = 0.1
+    # The UNet sees the latents scaled to this standard deviation (the folder's scaling_factor). At unit
+    # variance the 4,096 numbers of a 16 x 16 x 16 latent still show a scene's colours and shapes through
+    # the noise of SD's last timesteps, so the UNet learnt to read them there instead of the caption (and
+    # ignored the text entirely); at 0.25 the scene is hidden in the noise where sampling starts.
+    latent_std: float = 0.25
     scenes: int = 32_000  # distinct training scenes, encoded once (rendering + encoding cost a third of a step)
     checkpoint_every: int = 250
     seed: int = 0
@@ -62,6 +67,7 @@ class BaseTraining:
         for name in ("vae_lr", "lr"):
             number(name, getattr(self, name), 0, 1, low_open=True)
         number("caption_dropout", self.caption_dropout, 0, 1)
+        number("latent_std", self.latent_std, 0, 10, low_open=True)
         number("seed", self.seed, 0, 2**31, integer=True)
         number("minutes", self.minutes, 0, 10_000, low_open=True)
         return self
@@ -80,6 +86,9 @@ def build_components(work: Path) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DCo
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3,
         max_position_embeddings=MAX_TOKENS, projection_dim=64, hidden_act="quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    # word embeddings at unit scale, not CLIP's 0.02 (the position embeddings' scale): from the first step the
+    # captions give the UNet text states that differ, instead of nearly one state for every caption
+    torch.nn.init.normal_(text_encoder.get_input_embeddings().weight, std=1.0)
     unet = UNet2DConditionModel(
         sample_size=SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
         block_out_channels=(32, 64, 128),
@@ -92,9 +101,11 @@ def build_components(work: Path) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DCo
 
 
 def sd_scheduler() -> PNDMScheduler:
-    """SD's noise schedule (scaled linear 0.00085..0.012 over 1000 steps), saved as SD folders save it."""
+    """SD's noise schedule (scaled linear 0.00085..0.012 over 1000 steps), saved as SD folders save it, with
+    SD 2's v-prediction: an epsilon loss weighs a wrong scene at the noisy timesteps where the caption decides
+    it by the signal-to-noise ratio, about 1/50 of the weight v-prediction gives it there."""
     return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+                         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type="v_prediction")
 
 
 def scene_batch(first_seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
@@ -183,7 +194,7 @@ def reconstruction_loss(recon: torch.Tensor, pixels: torch.Tensor) -> torch.Tens
 def train_vae(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: bool = True) -> float:
     """Reconstruction + a small KL term on world renders, decoding the posterior's mean: sampling it while its
     variance is still untrained buried the latents in unit noise and made the first run's autoencoder wash
-    every colour out. Returns the latents' scaling factor 1/std."""
+    every colour out. Returns the standard deviation of the posterior means on held-out renders."""
     def loss_of(pixels: torch.Tensor) -> torch.Tensor:
         posterior = vae.encode(pixels).latent_dist
         return reconstruction_loss(vae.decode(posterior.mode()).sample, pixels) + 1e-6 * posterior.kl().mean()
@@ -193,8 +204,7 @@ def train_vae(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: 
                        lambda step: cfg.vae_lr, show_progress)
     with torch.no_grad():
         pixels, _ = scene_batch(20_000_000, 64)
-        std = float(vae.encode(pixels).latent_dist.mean.std())
-    return 1.0 / std
+        return float(vae.encode(pixels).latent_dist.mean.std())
 
 
 def finetune_decoder(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_progress: bool = True) -> None:
@@ -216,35 +226,35 @@ def finetune_decoder(vae: AutoencoderKL, cfg: BaseTraining, work: Path, show_pro
                        show_progress)
 
 
-def encoded_scenes(tokenizer: CLIPTokenizer, vae: AutoencoderKL, scaling: float, cfg: BaseTraining, work: Path,
+def encoded_scenes(tokenizer: CLIPTokenizer, vae: AutoencoderKL, cfg: BaseTraining, work: Path,
                    show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, caption token ids) of the seeded training scenes 0 ... cfg.scenes-1, encoded once by the
-    autoencoder's posterior mean (as it decodes) and kept in `work/scenes.safetensors` for resuming."""
+    autoencoder's posterior mean (as it decodes; unscaled) and kept in `work/scenes.safetensors`."""
     path = work / "scenes.safetensors"
     if path.is_file():
         cached = load_file(str(path))
-        if cached["latents"].shape[0] == cfg.scenes:
-            return cached["latents"], cached["ids"]
+        if "raw" in cached and cached["raw"].shape[0] == cfg.scenes:
+            return cached["raw"], cached["ids"]
     latents, ids, chunk = [], [], 64
     with _progress("encode scenes", show_progress) as progress, torch.no_grad():
         task = progress.add_task("scenes", total=cfg.scenes, loss="-")
         for start in range(0, cfg.scenes, chunk):
             pixels, captions = scene_batch(start, min(chunk, cfg.scenes - start))
-            latents.append(vae.encode(pixels).latent_dist.mode() * scaling)
+            latents.append(vae.encode(pixels).latent_dist.mode())
             ids.append(tokenizer(captions, padding="max_length", truncation=True, max_length=MAX_TOKENS,
                                  return_tensors="pt").input_ids)
             progress.update(task, completed=start + len(captions))
-    out = {"latents": torch.cat(latents).contiguous(), "ids": torch.cat(ids).contiguous()}
+    out = {"raw": torch.cat(latents).contiguous(), "ids": torch.cat(ids).contiguous()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(out, str(tmp))
     tmp.replace(path)
-    return out["latents"], out["ids"]
+    return out["raw"], out["ids"]
 
 
 def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
                    vae: AutoencoderKL, scaling: float, cfg: BaseTraining, work: Path, deadline: float,
                    show_progress: bool = True) -> dict:
-    """UNet + text encoder on noised latents of seeded scenes (epsilon prediction); stops at `deadline`."""
+    """UNet + text encoder on noised latents of seeded scenes (v-prediction); stops at `deadline`."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ckpt = Checkpoint(work, "unet")
@@ -254,7 +264,7 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
     gen = torch.Generator().manual_seed(cfg.seed + state["step"])
     lr_at: Callable[[int], float] = lambda s: cfg.lr * min(1.0, (s + 1) / max(1, cfg.warmup)) * \
         0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))  # noqa: E731
-    all_latents, all_ids = encoded_scenes(tokenizer, vae, scaling, cfg, work, show_progress)
+    all_latents, all_ids = encoded_scenes(tokenizer, vae, cfg, work, show_progress)
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
     unet.train()
     text_encoder.train()
@@ -266,13 +276,13 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
             first = step * cfg.batch
             order = torch.randperm(cfg.scenes, generator=torch.Generator().manual_seed(cfg.seed + first // cfg.scenes))
             pick = order[torch.arange(first, first + cfg.batch) % cfg.scenes]
-            latents, ids = all_latents[pick], all_ids[pick].clone()
+            latents, ids = all_latents[pick] * scaling, all_ids[pick].clone()
             drop = torch.rand(len(pick), generator=gen) < cfg.caption_dropout
             ids[drop] = empty
             noise = torch.randn(latents.shape, generator=gen)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
             pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
-            loss = F.mse_loss(pred, noise)
+            loss = F.mse_loss(pred, noise_scheduler.get_velocity(latents, noise, t))
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             optimizer.zero_grad(set_to_none=True)
@@ -301,14 +311,15 @@ def make_shapes_base(out: Path, cfg: BaseTraining | None = None, work: Path | No
     start = time.monotonic()
     torch.manual_seed(cfg.seed)
     tokenizer, text_encoder, unet, vae = build_components(work)
-    scaling_file = work / "vae-scaling.json"
+    scaling_file = work / "vae-std.json"
     if scaling_file.is_file():
         Checkpoint(work, "vae").load({"vae": vae}, None)
         vae.eval().requires_grad_(False)
-        scaling = json.loads(scaling_file.read_text())["scaling_factor"]
+        raw_std = json.loads(scaling_file.read_text())["raw_std"]
     else:
-        scaling = train_vae(vae, cfg, work, show_progress)
-        write_bytes_atomic(scaling_file, json.dumps({"scaling_factor": scaling}).encode())
+        raw_std = train_vae(vae, cfg, work, show_progress)
+        write_bytes_atomic(scaling_file, json.dumps({"raw_std": raw_std}).encode())
+    scaling = cfg.latent_std / raw_std
     vae.register_to_config(scaling_factor=scaling)
     record = train_denoiser(tokenizer, text_encoder, unet, vae, scaling, cfg, work,
                             start + cfg.minutes * 60, show_progress)
