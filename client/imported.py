@@ -97,7 +97,12 @@ def import_lora(file: Path, base: Path | Base, words: list[str], class_word: str
                                    feature_extractor=None, requires_safety_checker=False)
     try:
         pipe.load_lora_weights(dict(tensors), adapter_name=ADAPTER)
-    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+    except ValueError as exc:
+        if "lora" in str(exc).lower() and "checkpoint" in str(exc).lower():
+            raise UserError(f"{file}: no layer of it matched the base: its key layout is not one diffusers reads "
+                            f"({' '.join(str(exc).split())[:200]})") from exc
+        raise UserError(f"{file} does not fit the base {base.source}: {' '.join(str(exc).split())[:300]}") from exc
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{file} does not fit the base {base.source} (or its key layout is not one diffusers "
                         f"reads): {' '.join(str(exc).split())[:300]}") from exc
     layers = {f"unet.{k}": v for k, v in adapted_layers(base.unet).items()}

@@ -68,3 +68,12 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and a rename."""
     with file_beside(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_image_atomic(path: Path, image) -> None:
+    """Save a PIL image as PNG through a temporary file and a rename."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())

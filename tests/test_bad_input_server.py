@@ -313,15 +313,15 @@ def test_registry_refuses_a_port_in_use(tmp_path, monkeypatch, capsys):
         s.listen()
         port = s.getsockname()[1]
         assert_clean_error(["registry", "--store", f"file://{tmp_path}/store", "--host", "127.0.0.1", "--port",
-                            str(port)], tmp_path, "cannot listen", monkeypatch, capsys)
+                            str(port), "--insecure"], tmp_path, "cannot listen", monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("port, expect", [("70000", "not a TCP port"), ("-1", "not a TCP port"),
                                           ("http", "--port")])
 def test_registry_refuses_bad_ports(port, expect, tmp_path, monkeypatch, capsys):
     (tmp_path / "store").mkdir()
-    assert_clean_error(["registry", "--store", f"file://{tmp_path}/store", "--port", port], tmp_path, expect,
-                       monkeypatch, capsys)
+    assert_clean_error(["registry", "--store", f"file://{tmp_path}/store", "--port", port, "--insecure"], tmp_path,
+                       expect, monkeypatch, capsys)
 
 
 def test_registry_refuses_a_bad_store_url(tmp_path, monkeypatch, capsys):

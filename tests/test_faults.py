@@ -109,10 +109,11 @@ def test_a_server_killed_mid_publish_leaves_latest_and_a_rerun_completes(fused_t
         store = open_store("file://{tmp_path}/store")
         put, count = store.put_file, [0]
         def dying(key, path):
-            put(key, path)
+            info = put(key, path)
             count[0] += 1
             if count[0] == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
+            return info
         store.put_file = dying
         publish(store, "{fused_three['gradient']}")
         """, tmp_path)

@@ -83,8 +83,8 @@ def test_bad_loras_are_one_clear_error(outside_lora, tiny_base, tmp_path, monkey
     common = ["--base", tiny_base, "--class-word", "toy", "--name", "x", "--out", tmp_path / "pkg"]
     cases = [
         (["import-lora", tmp_path / "other-base.safetensors", "--trigger", "<ohwx>", *common], "does not fit the base"),
-        (["import-lora", tmp_path / "unknown.safetensors", "--trigger", "<ohwx>", *common], "no layer of"),
-        (["import-lora", root / "kohya.safetensors", "--trigger", "toy", *common], "--trigger"),
+        (["import-lora", tmp_path / "unknown.safetensors", "--trigger", "<ohwx>", *common], "key layout"),
+        (["import-lora", root / "kohya.safetensors", "--trigger", "toy", *common], "already in the tokenizer"),
         (["import-lora", tmp_path / "pickle.ckpt", "--trigger", "<ohwx>", *common], "not a .safetensors file"),
     ]
     for args, expect in cases:

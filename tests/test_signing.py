@@ -3,7 +3,6 @@ whoever wrote to the store or answered as the registry."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from pathlib import Path
 
@@ -53,13 +52,12 @@ def test_pull_with_trust_refuses_what_the_key_did_not_sign(fused_three, tmp_path
     version = signed.version
     forged = pb.FusedManifest()
     forged.CopyFrom(signed)
-    target = store.root / f"fused/{version}/concepts.json"
-    target.write_bytes(target.read_bytes().replace(b'"gradient"', b'"average"'))
+    key = f"fused/{version}/concepts.json"
+    swapped = store.put_bytes(key, store.get_bytes(key).replace(b'"gradient"', b'"average"'))
     for entry in forged.files:
-        if entry.key.endswith("concepts.json"):
-            entry.sha256 = hashlib.sha256(target.read_bytes()).hexdigest()
-            entry.size = target.stat().st_size
-    (store.root / f"fused/{version}/{MANIFEST}").write_bytes(forged.SerializeToString())
+        if entry.key == key:
+            entry.sha256, entry.size = swapped.sha256, swapped.size
+    store.put_bytes(f"fused/{version}/{MANIFEST}", forged.SerializeToString())
     with pytest.raises(UnsafeManifest, match="does not match the trusted key"):
         pull(store, tmp_path / "forged", trust=load_trusted_key(server_pub))
     assert not (tmp_path / "forged").exists()
@@ -67,12 +65,12 @@ def test_pull_with_trust_refuses_what_the_key_did_not_sign(fused_three, tmp_path
     from shared.signing import sign_manifest
 
     sign_manifest(forged, load_signing_key(other_key))
-    (store.root / f"fused/{version}/{MANIFEST}").write_bytes(forged.SerializeToString())
+    store.put_bytes(f"fused/{version}/{MANIFEST}", forged.SerializeToString())
     assert_clean_error(["pull", "--store", store.url, "--out", tmp_path / "resigned", "--trust", server_pub], tmp_path,
                        "does not match the trusted key", monkeypatch, capsys, out=tmp_path / "resigned")
     # ... or strips the signature
     forged.signature, forged.signing_key_id = b"", ""
-    (store.root / f"fused/{version}/{MANIFEST}").write_bytes(forged.SerializeToString())
+    store.put_bytes(f"fused/{version}/{MANIFEST}", forged.SerializeToString())
     assert_clean_error(["pull", "--store", store.url, "--out", tmp_path / "stripped", "--trust", server_pub],
                        tmp_path, "is not signed", monkeypatch, capsys, out=tmp_path / "stripped")
     # without --trust the forgery is self-consistent and would be taken: that is what --trust is for

@@ -157,7 +157,7 @@ def test_plain_lora_mode_trains_and_samples(tiny_base, toys, tmp_path):
 def test_previews_checkpointing_and_bf16_autocast(tiny_base, toys, tmp_path):
     words, cls = TOY_WORDS["red-circle"]
     cfg = tiny_config(steps=4, preview="every 2", gradient_checkpointing=True, mixed_precision="bf16",
-                      sample_scales=[0.0, 1.0])
+                      sample_scales=[0.0, 1.0], sample_prompts=2)
     pkg, losses = train_concept(tiny_base, toys / "red-circle", ["<ckpt1>", "<ckpt2>"], cls, tmp_path / "p", cfg,
                                 show_progress=False)
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -171,10 +171,10 @@ def test_previews_checkpointing_and_bf16_autocast(tiny_base, toys, tmp_path):
 def test_preview_settings_and_the_old_sample_every_key(tmp_path):
     from client.config import load_config
 
-    assert TrainConfig().preview == "end" and TrainConfig(preview=" every  5 ").preview == "every 5"
+    assert TrainConfig().preview == "auto" and TrainConfig(preview=" every  5 ").preview == "every 5"
     assert TrainConfig(preview="every 5").preview_every == 5 and TrainConfig(preview="end").preview_every == 0
     config = tmp_path / "old.yaml"
-    for text, preview in (("sample_every: 0\n", "end"), ("sample_every: 7\n", "every 7"), ("{}\n", "end")):
+    for text, preview in (("sample_every: 0\n", "end"), ("sample_every: 7\n", "every 7"), ("{}\n", "auto")):
         config.write_text(text)
         assert load_config(config, {}).preview == preview
     config.write_text("sample_every: 7\n")
