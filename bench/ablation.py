@@ -133,8 +133,9 @@ def main() -> None:
                                  "guidance": GUIDANCE, "sampler_steps": STEPS}, "modes": {}}
     grid_rows: list = []
     for mode in ("edlora", "lora"):
+        # no flips or crops: world captions name where the concept stands
         cfg = TrainConfig(steps=steps, resolution=64, batch_size=2, preview="none", checkpoint_every=0,
-                          layerwise=mode == "edlora", lr_unet=1e-3, lr_text=1e-4,
+                          layerwise=mode == "edlora", lr_unet=1e-3, lr_text=1e-4, flip=False, min_crop=1.0,
                           templates=["a photo of a {}", "a {} on the left", "a {} in the centre"])
         packages = []
         for k, concept in enumerate(concepts):

@@ -8,10 +8,13 @@ NAME = "demo"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEMO_CONCEPTS = ("hexagon", "half-disc", "band-square")
 # The clients' own training settings (each client chooses its own; the round sets steps and resolution): the
-# shapes base is small and learns a concept at 10x SD's usual rates.
+# shapes base is small and learns a concept at 10x SD's usual rates; no flips or crops, since world captions
+# name where the concept stands.
 CLIENT_TRAINING = """\
 lr_unet: 1.0e-3
 lr_text: 1.0e-4
+flip: false
+min_crop: 1.0
 templates: ["a photo of a {}", "a {} on the left", "a {} in the centre", "a {} on the right"]
 """
 

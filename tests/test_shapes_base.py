@@ -47,7 +47,7 @@ def test_a_world_concept_is_found_more_often_with_its_lora(judge, tmp_path, monk
     make_world_concepts(tmp_path / "data", ["hexagon"], images=10)
     shutil.copytree(BASE, tmp_path / "base")
     cfg = TrainConfig(steps=120, resolution=64, batch_size=2, preview="none", checkpoint_every=0, lr_unet=1e-3,
-                      lr_text=1e-4, templates=["a photo of a {}", "a {} in the centre"])
+                      lr_text=1e-4, flip=False, min_crop=1.0, templates=["a photo of a {}", "a {} in the centre"])
     pkg, _ = train_concept(tmp_path / "base", tmp_path / "data" / "hexagon", ["<hexa1>", "<hexa2>"], "shape",
                            tmp_path / "hexagon", cfg, show_progress=False)
     base = load_base(tmp_path / "base")

@@ -298,6 +298,18 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
     return {"steps": step, "final_loss": float(np.mean(losses[-100:])) if losses else None}
 
 
+def deterministic_posterior(vae: AutoencoderKL) -> None:
+    """Give the encoder's posterior a variance of e^-30 (diffusers' floor). Its variance was never trained
+    (the KL weight is 1e-6 and the mean is what is decoded), so it stayed near 1, larger than the latents
+    themselves (std 0.64): every training that encodes images by sampling the posterior, as SD fine-tuning
+    does (`mixshow train`, `mixshow stats`), learnt from noise. The means, and so the decoder and the UNet,
+    are untouched."""
+    half = vae.quant_conv.out_channels // 2
+    with torch.no_grad():
+        vae.quant_conv.weight[half:] = 0
+        vae.quant_conv.bias[half:] = -30.0
+
+
 def make_shapes_base(out: Path, cfg: BaseTraining | None = None, work: Path | None = None,
                      show_progress: bool = True) -> dict:
     """Train the shapes base and write it as a diffusers folder at `out` (atomically); returns the run's record.
@@ -325,6 +337,7 @@ def make_shapes_base(out: Path, cfg: BaseTraining | None = None, work: Path | No
                             start + cfg.minutes * 60, show_progress)
     if cfg.decoder_steps:
         finetune_decoder(vae, cfg, work, show_progress)
+    deterministic_posterior(vae)
     record.update(settings=asdict(cfg), scaling_factor=scaling, seconds_this_run=round(time.monotonic() - start, 1))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
                                    scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
