@@ -153,8 +153,20 @@ def test_identical_runs_give_identical_bytes(tiny_base, toys, tmp_path):
     for part in ("red-circle", "fused"):
         a, b = tree_hashes(tmp_path / "a" / part), tree_hashes(tmp_path / "b" / part)
         assert a.keys() == b.keys() and "samples/final.png" in tree_hashes(tmp_path / "a" / "red-circle")
-        differ = [k for k in a if a[k] != b[k] and k != "concepts.json"]
+        # concepts.json, and the copy of it in fused_lora.safetensors' metadata, name each package's own path
+        differ = [k for k in a if a[k] != b[k] and k not in ("concepts.json", "fused_lora.safetensors")]
         assert not differ, differ
+    from safetensors import safe_open
+
+    loras = []
+    for run in ("a", "b"):
+        with safe_open(str(tmp_path / run / "fused" / "fused_lora.safetensors"), "pt") as fh:
+            meta = json.loads(fh.metadata()["concepts"])
+            for concept in meta["concepts"]:
+                concept.pop("package")
+            loras.append((meta, {k: fh.get_tensor(k) for k in fh.keys()}))  # noqa: SIM118
+    assert loras[0][0] == loras[1][0] and loras[0][1].keys() == loras[1][1].keys()
+    assert all(torch.equal(loras[0][1][k], loras[1][1][k]) for k in loras[0][1])
     # concepts.json names each package's own path; everything else in it is the same
     records = [json.loads((tmp_path / r / "fused" / "concepts.json").read_text()) for r in ("a", "b")]
     for record in records:

@@ -23,11 +23,13 @@ def outside_lora(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("outside")
     base = load_base(tiny_base)
     torch.manual_seed(5)
-    base.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False))
-    base.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
-                                             init_lora_weights=False))
+    # scale 1 (alpha = rank): diffusers' own file format carries no alpha
+    base.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS, init_lora_weights=False))
+    base.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                "out_proj"], init_lora_weights=False))
     unet_state = get_peft_model_state_dict(base.unet)
-    text_state = get_peft_model_state_dict(base.text_encoder)
+    text_state = {k if k.startswith("text_model.") else f"text_model.{k}": v  # CLIPTextModel's module names
+                  for k, v in get_peft_model_state_dict(base.text_encoder).items()}
     StableDiffusionPipeline.save_lora_weights(root / "diffusers", unet_lora_layers=unet_state,
                                               text_encoder_lora_layers=text_state, safe_serialization=True)
     updates = {}
@@ -35,8 +37,7 @@ def outside_lora(tiny_base, tmp_path_factory):
         for name, module in model.named_modules():
             if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
                 updates[f"{prefix}.{name}"] = module.get_delta_weight("default").detach().float()
-    # kohya's alpha = scale x rank: the UNet's scale is 4 / 2, the text encoder's 2 / 2
-    kohya = to_kohya({f"unet.{k}": v for k, v in unet_state.items()}, 2.0)
+    kohya = to_kohya({f"unet.{k}": v for k, v in unet_state.items()}, 1.0)  # kohya's alpha = scale x rank
     kohya |= to_kohya({f"text_encoder.{k}": v for k, v in text_state.items()}, 1.0)
     save_file(kohya, str(root / "kohya.safetensors"))
     return root, updates
