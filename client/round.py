@@ -135,7 +135,7 @@ def put_with_retries(url: str, data: bytes, name: str) -> None:
     """PUT `data` to a presigned URL; an unreachable store or a 5xx answer is retried with growing pauses for
     up to OUTAGE_SECONDS (the object appears whole or not at all: S3 stores a PUT atomically)."""
     outage = storage.OUTAGE_SECONDS
-    deadline, pause = time.monotonic() + outage, 1.0
+    waits = storage.pauses(outage)
     while True:
         request = urllib.request.Request(url, data=data, method="PUT",
                                          headers={"Content-Type": "application/octet-stream"})
@@ -151,10 +151,10 @@ def put_with_retries(url: str, data: bytes, name: str) -> None:
             problem = f"HTTP {exc.code}"
         except OSError as exc:
             problem = f"storage unreachable ({exc})"
-        if time.monotonic() + pause > deadline:
+        pause = next(waits, None)
+        if pause is None:
             raise UserError(f"upload of {name} failed for {outage:.0f} s: {problem}")
         time.sleep(pause)
-        pause = min(pause * 2, 8.0)
 
 
 def upload(config: pb.RoundConfig, pkg: Path) -> list[pb.FileEntry]:

@@ -178,6 +178,14 @@ def s3_http_client(ca_bundle: str | None = None):
                                              status_forcelist=[500, 502, 503, 504]))
 
 
+def pauses(seconds: float) -> Iterator[float]:
+    """Growing pauses between retries (1, 2, 4, 8, 8, ... s), as long as each still ends within `seconds`."""
+    deadline, pause = time.monotonic() + seconds, 1.0
+    while time.monotonic() + pause <= deadline:
+        yield pause
+        pause = min(pause * 2, 8.0)
+
+
 class _Unreachable(Exception):
     """The S3 endpoint did not answer (the cause is the connection error)."""
 
@@ -219,16 +227,16 @@ class S3Store(Store):
         """Run `action` and turn what fails into a UserError. minio retries transient failures itself for a few
         seconds; an endpoint that stays unreachable is retried here with growing pauses for up to
         OUTAGE_SECONDS (`rewind` resets an upload's stream before each new attempt)."""
-        deadline, pause = time.monotonic() + OUTAGE_SECONDS, 1.0
+        waits = pauses(OUTAGE_SECONDS)
         while True:
             try:
                 return self._call_once(action, what)
             except _Unreachable as exc:
-                if time.monotonic() + pause > deadline:
+                pause = next(waits, None)
+                if pause is None:
                     raise UserError(f"{self.url}: cannot {what}: S3 endpoint unreachable for "
                                     f"{OUTAGE_SECONDS:.0f} s ({exc.__cause__})") from exc.__cause__
                 time.sleep(pause)
-                pause = min(pause * 2, 8.0)
                 if rewind is not None:
                     rewind()
 
