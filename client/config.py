@@ -28,6 +28,14 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # PyYAML reads `
 PREVIEW_WORDS = ("auto", "none", "end")
 AUTO_PREVIEW_SHARE = 0.25  # preview "auto": a final grid only when it costs at most this share of the run
 
+# The method's token settings (init_std 0.013, lr_embedding 1e-3, emb_norm_threshold 0.55) were set for SD 1.5's
+# CLIP, whose token embeddings have a mean norm near 0.39 (entries of RMS near 0.014). Left unset, they follow the
+# base's own embedding scale by these ratios, so a base whose embeddings are larger (the shapes base's are 20x) trains
+# its tokens the same way instead of freezing them at step 0.
+INIT_STD_PER_RMS = 0.93
+LR_EMBEDDING_PER_RMS = 0.07
+THRESHOLD_PER_MEAN_NORM = 1.4
+
 
 @dataclass
 class TrainConfig:
@@ -47,13 +55,15 @@ class TrainConfig:
     alpha: float = 4.0  # LoRA scale s = alpha / rank
     unet_targets: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
     text_targets: list[str] = field(default_factory=lambda: list(TEXT_TARGETS))
-    lr_embedding: float = 1e-3
+    lr_embedding: float | None = None  # None: LR_EMBEDDING_PER_RMS x the base's embedding RMS (1e-3 on SD 1.5)
     lr_text: float = 1e-5
     lr_unet: float = 1e-4
     weight_decay: float = 0.01
     noise_offset: float = 0.01
-    init_std: float = 0.013  # first word's random initialisation; the last word starts from the class word
-    emb_norm_threshold: float | None = 0.55  # a token embedding whose norm passes this stops training
+    init_std: float | None = None  # first words' random initialisation (None: 0.93 x the base's embedding RMS);
+    # the last word starts from the class word
+    emb_norm_threshold: float | str | None = None  # a token embedding whose norm passes this stops training;
+    # None: 1.4 x the base's mean token norm (0.55 on SD 1.5); "off": never
     masked_loss: bool = False
     attn_reg_weight: float = 0.0  # pulls the concept tokens' cross-attention maps towards the masks
     min_crop: float = 0.7
@@ -107,8 +117,11 @@ class TrainConfig:
                   "init_std": (0, 10, False), "attn_reg_weight": (0, 1e6, False), "min_crop": (0, 1, True),
                   "sample_guidance": (1, 100, False)}
         for name, (low, high, low_open) in floats.items():
-            setattr(self, name, number(name, getattr(self, name), low, high, low_open=low_open))
-        if self.emb_norm_threshold is not None:
+            if not (name in ("lr_embedding", "init_std") and getattr(self, name) is None):
+                setattr(self, name, number(name, getattr(self, name), low, high, low_open=low_open))
+        if isinstance(self.emb_norm_threshold, str) and self.emb_norm_threshold != "off":
+            raise InvalidArgument("emb_norm_threshold", f"{self.emb_norm_threshold!r} is not a number, off or null")
+        if self.emb_norm_threshold is not None and self.emb_norm_threshold != "off":
             self.emb_norm_threshold = number("emb_norm_threshold", self.emb_norm_threshold, 0, None)
         for name in ("layerwise", "masked_loss", "flip", "shuffle_captions", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
@@ -139,6 +152,15 @@ class TrainConfig:
         self.sample_scales = [number("sample_scales", s, -10, 10) for s in scales]
         return self
 
+    def for_embeddings(self, mean_norm: float, rms: float) -> TrainConfig:
+        """A copy whose unset token settings follow a base's embedding scale (its token embeddings' mean norm
+        and the RMS of their entries, see shared.edlora.embedding_scale)."""
+        return dataclasses.replace(
+            self, init_std=INIT_STD_PER_RMS * rms if self.init_std is None else self.init_std,
+            lr_embedding=LR_EMBEDDING_PER_RMS * rms if self.lr_embedding is None else self.lr_embedding,
+            emb_norm_threshold=(THRESHOLD_PER_MEAN_NORM * mean_norm if self.emb_norm_threshold is None
+                                else self.emb_norm_threshold))
+
     def to_dict(self) -> dict:
         """The settings as plain data (what concept.json records under `training`)."""
         return dataclasses.asdict(self)
@@ -153,7 +175,7 @@ def _strings(name: str, value, allow_empty: bool) -> list[str]:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_FLOATS = {name for name, f in FIELDS.items() if f.type in ("float", "float | None")}
+_FLOATS = {name for name, f in FIELDS.items() if f.type in ("float", "float | None", "float | str | None")}
 
 
 def _from_yaml(values: dict) -> dict:

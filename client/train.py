@@ -29,6 +29,7 @@ from shared.edlora import (
     check_new_words,
     class_word_embedding,
     cross_attention_layers,
+    embedding_scale,
     install_layer_processors,
     layer_token_names,
 )
@@ -56,6 +57,7 @@ class Concept:
     embedding: ConceptEmbedding
     encoder: LayerwiseTextEncoder
     processors: list[LayerSliceProcessor]
+    embedding_scale: tuple[float, float]  # the base's token embeddings: (mean norm, RMS), before the concept's
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         params = {"emb": self.embedding.rows}
@@ -80,7 +82,10 @@ class Concept:
 
 def prepare_concept(base: Base, words: list[str], class_word: str, cfg: TrainConfig, name: str,
                     generator: torch.Generator) -> Concept:
-    """Add the concept's tokens (random + class-word init) and LoRA adapters to `base`."""
+    """Add the concept's tokens (random + class-word init) and LoRA adapters to `base`. Token settings left
+    unset in `cfg` follow the base's embedding scale; the concept records the settings it used."""
+    scale = embedding_scale(base.text_encoder)
+    cfg = cfg.for_embeddings(*scale)
     layers = cross_attention_layers(base.unet)
     n = len(layers)
     check_new_words(base.tokenizer, words, n, base.source)
@@ -106,7 +111,7 @@ def prepare_concept(base: Base, words: list[str], class_word: str, cfg: TrainCon
                        prompt_templates=list(cfg.templates), base_fingerprint=base.fingerprint,
                        training=cfg.to_dict())
     return Concept(base, meta, embedding, LayerwiseTextEncoder(base.tokenizer, base.text_encoder, token_map),
-                   processors)
+                   processors, scale)
 
 
 def sample_grid(concept: Concept, cfg: TrainConfig, path: Path, prompts: list[str] | None = None) -> None:
@@ -132,7 +137,8 @@ class Trainer:
     """The training loop: batches, noise, loss, optimizer step, checkpoints, previews."""
 
     def __init__(self, concept: Concept, examples: list[Example], cfg: TrainConfig, generator: torch.Generator):
-        self.c, self.examples, self.cfg, self.gen = concept, examples, cfg, generator
+        self.c, self.examples, self.gen = concept, examples, generator
+        self.cfg = cfg = cfg.for_embeddings(*concept.embedding_scale)
         base = concept.base
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
         self.params = concept.trainable()
@@ -203,7 +209,7 @@ class Trainer:
         rows = self.c.embedding.rows
         before = rows.detach().clone()
         frozen = None
-        if self.cfg.emb_norm_threshold is not None:
+        if self.cfg.emb_norm_threshold != "off":
             frozen = before.norm(dim=-1) >= self.cfg.emb_norm_threshold
         loss = self.loss(*self.batch())
         if not bool(torch.isfinite(loss.detach())):
@@ -324,7 +330,7 @@ def train_concept(base: Path | str | Base, data: Path, words: list[str], class_w
     with staged_dir(out) as stage:
         tensors = concept.tensors()
         # no wall-clock figure in the package: the same inputs and seed must give the same bytes
-        concept.meta.training = dict(cfg.to_dict(), final_loss=losses[-1], resumed_from=trainer.start)
+        concept.meta.training = dict(trainer.cfg.to_dict(), final_loss=losses[-1], resumed_from=trainer.start)
         if cfg.preview_at_end:
             sample_grid(concept, cfg, work / "samples" / "final.png")
             shutil.copytree(work / "samples", stage / "samples")

@@ -80,6 +80,13 @@ def class_word_embedding(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, 
     return text_encoder.get_input_embeddings().weight[ids[0]].detach().clone()
 
 
+def embedding_scale(text_encoder: CLIPTextModel) -> tuple[float, float]:
+    """(mean row norm, RMS of the entries) of the text encoder's token embeddings: the scale in which a new
+    token's initialisation, learning rate and norm limit are set."""
+    weight = text_encoder.get_input_embeddings().weight.detach().float()
+    return float(weight.norm(dim=-1).mean()), float(weight.pow(2).mean().sqrt())
+
+
 def add_tokens(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, token_map: TokenMap,
                rows: dict[str, torch.Tensor]) -> None:
     """Add every token of `token_map` to the tokenizer and write its embedding row (rows[word]: [n, D])."""

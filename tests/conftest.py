@@ -10,7 +10,9 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per xdist worker (scripts/test.sh runs one worker per core: more threads than cores makes every
+# worker spin-wait, 20x slower measured); a plain pytest run uses up to 2.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 import logging  # noqa: E402
 

@@ -97,6 +97,36 @@ def test_norm_threshold_freezes_a_row(tiny_base, toys):
     assert lora_moved
 
 
+def test_unset_token_settings_follow_the_base_embedding_scale(tiny_base, toys):
+    """A base whose token embeddings are k times larger gets k times the initialisation, learning rate and norm
+    limit, so its tokens train the same way: the first (Adam) step moves them k times as far, and none is frozen."""
+    from shared.edlora import embedding_scale
+
+    moves, configs = {}, {}
+    for k in (1.0, 20.0):
+        base = load_base(tiny_base)
+        with torch.no_grad():
+            base.text_encoder.get_input_embeddings().weight.mul_(k)
+        norm, rms = embedding_scale(base.text_encoder)
+        cfg = tiny_config(steps=1, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(0)
+        concept = prepare_concept(base, ["<redcir1>", "<redcir2>"], "toy", cfg, "red", gen)
+        trainer = Trainer(concept, load_examples(toys / "red-circle"), cfg, gen)
+        configs[k] = trainer.cfg
+        assert trainer.cfg.emb_norm_threshold == pytest.approx(1.4 * norm) and concept.meta.training == \
+            trainer.cfg.to_dict()
+        assert concept.embedding.rows.norm(dim=-1).max() < trainer.cfg.emb_norm_threshold  # nothing frozen at step 0
+        rows = concept.embedding.rows.detach().clone()
+        trainer.step()
+        moves[k] = (concept.embedding.rows.detach() - rows).abs()
+        assert (moves[k] > 0).all()
+    assert configs[20.0].lr_embedding == pytest.approx(20 * configs[1.0].lr_embedding)
+    assert configs[20.0].init_std == pytest.approx(20 * configs[1.0].init_std)
+    assert float(moves[20.0].mean() / moves[1.0].mean()) == pytest.approx(20, rel=0.02)
+    # set explicitly, a value is kept whatever the base
+    assert tiny_config(lr_embedding=1e-3).for_embeddings(50.0, 2.0).lr_embedding == 1e-3
+
+
 def test_masked_loss_gives_zero_gradient_outside_the_mask():
     pred = torch.randn(2, 4, 8, 8, requires_grad=True)
     mask = torch.zeros(2, 1, 8, 8)
@@ -108,7 +138,7 @@ def test_masked_loss_gives_zero_gradient_outside_the_mask():
 
 
 def test_masked_training_step_and_attention_regulariser_reach_the_embedding(tiny_base, toys):
-    cfg = tiny_config(steps=1, masked_loss=True, attn_reg_weight=1.0, emb_norm_threshold=None)
+    cfg = tiny_config(steps=1, masked_loss=True, attn_reg_weight=1.0, emb_norm_threshold="off")
     concept, gen = _concept(tiny_base, cfg)
     trainer = Trainer(concept, load_examples(toys / "red-circle"), cfg, gen)
     loss = trainer.loss(*trainer.batch())
