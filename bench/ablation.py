@@ -39,7 +39,7 @@ from shared.base import load_base  # noqa: E402
 from shared.fused_model import expand_prompt, load_fused  # noqa: E402
 from shared.package import apply_concept  # noqa: E402
 from shared.sampling import generate, image_grid  # noqa: E402
-from world.concepts import CONCEPTS, make_world_concepts  # noqa: E402
+from world.concepts import CONCEPT_TRAINING, CONCEPTS, make_world_concepts  # noqa: E402
 from world.evaluator import Judge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,13 +114,15 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=ROOT / "assets" / "shapes-base")
     parser.add_argument("--evaluator", type=Path, default=ROOT / "assets" / "world-evaluator")
     parser.add_argument("--quick", action="store_true", help="2 concepts, 40 steps, 2 seeds: a smoke run")
+    parser.add_argument("--concepts", type=int, default=None, help=f"how many world concepts (default all "
+                        f"{len(CONCEPTS)})")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("ablation-out"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    n_concepts = 2 if args.quick else 5
-    steps = args.steps or (40 if args.quick else 300)
+    n_concepts = args.concepts or (2 if args.quick else len(CONCEPTS))
+    steps = args.steps or (40 if args.quick else CONCEPT_TRAINING["steps"])
     seeds = args.seeds or (2 if args.quick else 8)
     concepts = list(CONCEPTS[:n_concepts])
     out = args.out
@@ -133,22 +135,23 @@ def main() -> None:
                                  "guidance": GUIDANCE, "sampler_steps": STEPS}, "modes": {}}
     grid_rows: list = []
     for mode in ("edlora", "lora"):
-        # no flips or crops: world captions name where the concept stands
-        cfg = TrainConfig(steps=steps, resolution=64, batch_size=2, preview="none", checkpoint_every=0,
-                          layerwise=mode == "edlora", lr_unet=1e-3, lr_text=1e-4, flip=False, min_crop=1.0,
-                          templates=["a photo of a {}", "a {} on the left", "a {} in the centre"])
         packages = []
         for k, concept in enumerate(concepts):
             pkg = out / mode / concept.name
             if not pkg.exists():
+                print(f"[{time.monotonic() - start:5.0f} s] training {mode} {concept.name} ({steps} steps)", flush=True)
                 train_concept(args.base, data / concept.name, list(concept.words), concept.class_word, pkg,
-                              cfg.__class__(**{**cfg.to_dict(), "seed": k}), show_progress=False)
+                              TrainConfig(**{**CONCEPT_TRAINING, "steps": steps, "preview": "none", "seed": k,
+                                             "checkpoint_every": 0, "layerwise": mode == "edlora"}),
+                              show_progress=False)
                 compute_stats(load_base(args.base), pkg, samples=4, steps=STEPS, seed=k, show_progress=False)
             packages.append(pkg)
+        print(f"[{time.monotonic() - start:5.0f} s] sampling the {mode} single-client models", flush=True)
         singles = {c.name: single_client(judge, args.base, p, c, seeds, grid_rows) for c, p in zip(concepts, packages)}
         fused = {}
         for method in ("gradient", "average", "sum"):
             folder = out / mode / f"fused-{method}"
+            print(f"[{time.monotonic() - start:5.0f} s] {mode}: fusing by {method} and sampling", flush=True)
             report = fuse(args.base, packages, folder, method=method, show_progress=False) if not folder.exists() \
                 else json.loads((folder / "fusion_report.json").read_text())
             measures = fused_measures(judge, folder, [c.name for c in concepts], seeds)
@@ -187,7 +190,7 @@ def print_table(result: dict) -> None:
                                                            ("gradient", "average", "sum")],
                           *["-" if r is None else f"{r:.2f}" for r in ret],
                           f"{f['gradient']['identity_loss'][name]:.3f}", f"{f['gradient']['leakage'][name]:.2f}")
-    Console().print(table)
+    Console(width=200).print(table)
     for mode, data in result["modes"].items():
         comp = data["fused"]["gradient"].get("composition", {})
         print(f"{mode} composition (every concept in its own box): " +

@@ -7,16 +7,9 @@ import typer
 NAME = "demo"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEMO_CONCEPTS = ("hexagon", "half-disc", "band-square")
-# The clients' own training settings (each client chooses its own; the round sets steps and resolution): the
-# shapes base is small and learns a concept at 10x SD's usual rates; no flips or crops, since world captions
-# name where the concept stands.
-CLIENT_TRAINING = """\
-lr_unet: 1.0e-3
-lr_text: 1.0e-4
-flip: false
-min_crop: 1.0
-templates: ["a photo of a {}", "a {} on the left", "a {} in the centre", "a {} on the right"]
-"""
+# The clients' own training settings are the world's (world.concepts.CONCEPT_TRAINING) but for steps and
+# resolution, which the round sets: each client chooses its own, as in a real federation.
+ROUND_SETS = ("steps", "resolution")
 
 
 def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (created; must be new or empty)"),
@@ -32,6 +25,7 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     import os
     import time
 
+    import yaml
     from rich.console import Console
 
     from cli.simulation import run_demo_round
@@ -47,7 +41,7 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     from shared.sampling import generate, image_grid
     from shared.storage import open_store
     from shared.validate import number
-    from world.concepts import make_world_concepts
+    from world.concepts import CONCEPT_TRAINING, make_world_concepts
     from world.evaluator import Judge
 
     number("seeds", seeds, 1, 64, integer=True)
@@ -61,7 +55,7 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     out = out.resolve()
     concepts = make_world_concepts(out / "concepts", list(DEMO_CONCEPTS), images=12)
     training = out / "client-training.yaml"
-    training.write_text(CLIENT_TRAINING)
+    training.write_text(yaml.safe_dump({k: v for k, v in CONCEPT_TRAINING.items() if k not in ROUND_SETS}))
     nodes = [{"name": c["name"], "data-dir": str(out / "concepts" / c["folder"]), "words": " ".join(c["words"]),
               "class-word": c["class_word"], "base": str(base), "work-dir": str(out / "clients" / c["name"]),
               "device": device, "train-config": str(training)} for c in concepts]

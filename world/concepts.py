@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from shared.atomic import staged_dir
+from shared.lora import UNET_TARGETS
 from shared.validate import number
 from world.scenes import BACKGROUNDS, COLOURS, LAYOUTS, Scene, WorldObject, random_object, render
 
@@ -44,6 +45,17 @@ CONCEPTS = (
     WorldConcept("half-diamond", "diamond", "green", "halves", (COLOURS["black"],), "toy", ("<hdia1>", "<hdia2>")),
 )
 BY_NAME = {c.name: c for c in CONCEPTS}
+
+# How a client trains a world concept on the shapes base (the settings of `client.config.TrainConfig`; used by
+# bench/ablation.py, `mixshow demo` and the tests). The base's attention layers hold 14% of its UNet: a LoRA on
+# them alone learnt an arrow's colour but drew an orange blob (the evaluator found 0/8 after 1,000 steps); with
+# the transformer blocks' feed-forward layers too (linear layers, so recorded and fused by the same closed form)
+# it found 6/8. The base is small and learns at 10x SD's usual LoRA rates; no flips or crops, since world captions
+# name where the concept stands.
+CONCEPT_TRAINING = {
+    "steps": 1000, "resolution": 64, "batch_size": 2, "lr_unet": 1e-3, "lr_text": 1e-4, "flip": False,
+    "min_crop": 1.0, "unet_targets": [*UNET_TARGETS, "ff.net.0.proj", "ff.net.2"],
+    "templates": ["a photo of a {}", "a {} on the left", "a {} in the centre", "a {} on the right"]}
 
 
 def concept_scene(concept: WorldConcept, seed: int, companion: bool | None = None) -> tuple[Scene, int]:
