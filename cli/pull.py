@@ -12,6 +12,8 @@ def run(out: Path = typer.Option(..., "--out", help="folder to create"),
         registry: str = typer.Option(None, "--registry", help="HOST:PORT of a mixshow registry"),
         version: str = typer.Option("latest", "--version"),
         lora_only: bool = typer.Option(False, "--lora-only", help="only fused_lora.safetensors + concepts.json"),
+        model_only: bool = typer.Option(False, "--model-only", help="the fused folder without fused_lora.safetensors "
+                                                                     "(the folder is a whole model by itself)"),
         with_state: bool = typer.Option(False, "--with-state", help="also the fusion state (what a server needs to "
                                                                      "build later rounds on this version)"),
         trust: Path = typer.Option(None, "--trust", help="the server's version-signing public key (PEM): refuse a "
@@ -36,6 +38,8 @@ def run(out: Path = typer.Option(..., "--out", help="folder to create"),
         raise UserError("give exactly one of --store URL and --registry HOST:PORT")
     if with_state and lora_only:
         raise UserError("give --with-state or --lora-only, not both")
+    if model_only and lora_only:
+        raise UserError("give --model-only or --lora-only, not both")
     trusted = load_trusted_key(trust) if trust else None
     access = None
     if registry:
@@ -47,8 +51,8 @@ def run(out: Path = typer.Option(..., "--out", help="folder to create"),
         access = RegistryAccess(registry_ca, registry_cert, registry_key,
                                 read_token(registry_token_file) if registry_token_file else None)
     if store:
-        manifest = pull(open_store(store), out, version, lora_only, with_state, trusted)
+        manifest = pull(open_store(store), out, version, lora_only, with_state, trusted, model_only)
     else:
-        manifest = pull_from_registry(registry, out, version, lora_only, with_state, trusted, access)
+        manifest = pull_from_registry(registry, out, version, lora_only, with_state, trusted, access, model_only)
     signed = f", signature verified (key {manifest.signing_key_id})" if trusted else ""
     print(f"pulled {manifest.version} ({', '.join(manifest.concepts)}) to {out}, every sha256 verified{signed}")

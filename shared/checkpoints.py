@@ -136,14 +136,17 @@ def get_manifest(store: Store, version: str = "latest") -> pb.FusedManifest:
     return manifest
 
 
-def planned_files(manifest: pb.FusedManifest, version: str, lora_only: bool, where: str, with_state: bool = False
-                  ) -> list[tuple[pb.FileEntry, str]]:
+def planned_files(manifest: pb.FusedManifest, version: str, lora_only: bool, where: str, with_state: bool = False,
+                  model_only: bool = False) -> list[tuple[pb.FileEntry, str]]:
     """(entry, relative path) of every file to download, each checked before anything is written.
 
     A version is refused whole when any entry (of `files` or `server_files`) names a path outside
     `fused/<version>/`, repeats a path, or lacks a size or sha256; it must hold concepts.json. The fusion
-    state is downloaded only `with_state` (and never with `lora_only`).
+    state is downloaded only `with_state` (and never with `lora_only`); `model_only` leaves out the fused LoRA
+    (the folder alone is a complete model).
     """
+    if lora_only and model_only:
+        raise UserError("pull the LoRA only or the model only, not both")
     check_version_name(manifest.version, where)
     if version != "latest" and manifest.version != version:
         raise UnsafeManifest(f"{where} answered version {manifest.version} for {version}")
@@ -159,6 +162,8 @@ def planned_files(manifest: pb.FusedManifest, version: str, lora_only: bool, whe
         if rel in SERVER_FILES:
             if with_state and not lora_only:
                 planned.append((entry, rel))
+        elif rel == LORA_FILE and model_only:
+            continue
         elif not lora_only or rel in (LORA_FILE, CONCEPTS_FILE):
             planned.append((entry, rel))
     if CONCEPTS_FILE not in seen:
@@ -167,14 +172,14 @@ def planned_files(manifest: pb.FusedManifest, version: str, lora_only: bool, whe
 
 
 def pull(store: Store, out: Path, version: str = "latest", lora_only: bool = False, with_state: bool = False,
-         trust: Ed25519PublicKey | None = None) -> pb.FusedManifest:
+         trust: Ed25519PublicKey | None = None, model_only: bool = False) -> pb.FusedManifest:
     """Download a version into `out` (atomically), verifying every file against the manifest and, with
     `trust`, the manifest's signature; the fusion state only `with_state`."""
     check_fresh_output(Path(out), "out")
     manifest = get_manifest(store, version)
     if trust is not None:
         verify_manifest(manifest, trust, store.url)
-    files = planned_files(manifest, version, lora_only, store.url, with_state)
+    files = planned_files(manifest, version, lora_only, store.url, with_state, model_only)
     with staged_dir(Path(out)) as stage:
         for entry, rel in files:
             store.get_file(entry.key, inside(stage, rel), entry.sha256, entry.size)
@@ -184,7 +189,7 @@ def pull(store: Store, out: Path, version: str = "latest", lora_only: bool = Fal
 
 def pull_from_registry(address: str, out: Path, version: str = "latest", lora_only: bool = False,
                        with_state: bool = False, trust: Ed25519PublicKey | None = None,
-                       access: RegistryAccess | None = None) -> pb.FusedManifest:
+                       access: RegistryAccess | None = None, model_only: bool = False) -> pb.FusedManifest:
     """Download a version through a registry's presigned URLs, verifying every file.
 
     Every key and URL of the registry's answer is checked before the first byte is fetched.
@@ -194,7 +199,7 @@ def pull_from_registry(address: str, out: Path, version: str = "latest", lora_on
     where = f"registry {address}"
     if trust is not None:
         verify_manifest(manifest, trust, where)
-    files = planned_files(manifest, version, lora_only, where, with_state)
+    files = planned_files(manifest, version, lora_only, where, with_state, model_only)
     for entry, _ in files:
         if not entry.url:
             raise UserError(f"{where} gives no download URLs (a file:// store): pull with store= instead")

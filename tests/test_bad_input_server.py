@@ -295,6 +295,13 @@ def test_pull_from_a_hostile_registry(case, hostile_registry, http_files, tmp_pa
     assert not Path("/tmp/evil").exists()
 
 
+@pytest.mark.parametrize("flags, expect", [(["--model-only", "--lora-only"], "--model-only or --lora-only"),
+                                           (["--with-state", "--lora-only"], "--with-state or --lora-only")])
+def test_pull_refuses_parts_that_exclude_each_other(flags, expect, tmp_path, monkeypatch, capsys):
+    assert_clean_error(["pull", "--store", f"file://{tmp_path}/store", "--out", tmp_path / "p", *flags], tmp_path,
+                       expect, monkeypatch, capsys, out=tmp_path / "p")
+
+
 def test_pull_from_an_unreachable_registry(tmp_path, monkeypatch, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,6 +10,7 @@ from protos import mixshow_pb2_grpc as pb_grpc
 from server.registry import serve
 from shared.checkpoints import latest, publish, pull, versions
 from shared.errors import UserError
+from shared.fused_model import load_fused
 from shared.registry_client import fetch_manifest
 from shared.storage import IntegrityError, open_store
 
@@ -32,6 +33,12 @@ def test_publish_pull_versions_and_corruption(fused_three, tmp_path):
     assert pulled == published and got.concepts == ["red-circle", "blue-square", "green-triangle"]
     pull(store, tmp_path / "lora", "latest", lora_only=True)
     assert sorted(_tree(tmp_path / "lora")) == ["concepts.json", "fused_lora.safetensors", "manifest.pb"]
+    pull(store, tmp_path / "model", "v0001", model_only=True)  # the folder alone is a whole model
+    model = _tree(tmp_path / "model")
+    model.pop("manifest.pb")
+    published.pop("fused_lora.safetensors")
+    assert model == published
+    assert [r["name"] for r in load_fused(tmp_path / "model")[2]] == got.concepts
     with pytest.raises(UserError, match="does not exist"):
         pull(store, tmp_path / "x", "v0042")
     # bytes changed after the manifest was written: refused, nothing left behind
