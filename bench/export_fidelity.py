@@ -64,15 +64,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     judge = Judge(args.evaluator)
-    names = [c.name for c in CONCEPTS[:5]]
+    names = [c.name for c in CONCEPTS if (args.packages / c.name / "stats.safetensors").is_file()]
     packages = [args.packages / n for n in names]
-    if not all((p / "stats.safetensors").is_file() for p in packages):
+    if not names:
         raise SystemExit(f"packages with stats not found under {args.packages}: run bench/ablation.py first")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    fused = args.out / "fused"
-    if not fused.exists():
-        fuse(args.base, packages, fused, show_progress=False)
+    fused = args.packages / "fused-gradient"  # the ablation's own gradient fusion of these packages, if there
+    if not (fused / "concepts.json").is_file():
+        fused = args.out / "fused"
+        if not fused.exists():
+            fuse(args.base, packages, fused, show_progress=False)
     base, encoder, records = load_fused(fused)
     rows: dict[str, dict[str, float]] = {n: {} for n in names}
     for name in names:
@@ -91,7 +93,7 @@ def main() -> None:
             rows[name][f"diffusers + kohya, {how}"] = found / len(images)
     columns = list(next(iter(rows.values())))
     print(f"concept presence (evaluator), {args.seeds} seeds, 'a photo of a <C>', DPM-Solver++ {STEPS} steps, "
-          f"guidance {GUIDANCE}, 5 concepts fused by gradient fusion:")
+          f"guidance {GUIDANCE}, {len(names)} concepts fused by gradient fusion ({fused}):")
     print(f"{'concept':14s}" + "".join(f"{c:>28s}" for c in columns))
     for name, row in rows.items():
         print(f"{name:14s}" + "".join(f"{row[c]:>28.2f}" for c in columns))

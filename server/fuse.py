@@ -445,7 +445,10 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
 def identity_report(fusion: Fusion, sources: dict[str, Source]) -> IdentityReport:
     """The report of a finished fusion: client-side Grams from each concept's stats (where its package is
     known), text-side Grams from the server's own encoding."""
-    cache: dict[tuple[str, str], torch.Tensor] = {}
+    # The report asks for one concept's Grams after another: only the current concept's are kept, so the
+    # server's memory does not grow with the number of concepts (each is read again from its stats file).
+    cache: dict[str, torch.Tensor] = {}
+    current: list[str] = [""]
 
     def gram_of(name: str, qual: str) -> torch.Tensor | None:
         model, _, module = qual.partition(".")
@@ -455,10 +458,13 @@ def identity_report(fusion: Fusion, sources: dict[str, Source]) -> IdentityRepor
         src = sources.get(name)
         if src is None or src.stats is None:
             return None
-        if (name, site) not in cache:
+        if current[0] != name:
+            cache.clear()
+            current[0] = name
+        if site not in cache:
             layer = (fusion.base.unet if model == "unet" else fusion.base.text_encoder).get_submodule(module)
-            cache[name, site] = src.stats.normalised(src.stats.key_for(model, module), layer.in_features)
-        return cache[name, site]
+            cache[site] = src.stats.normalised(src.stats.key_for(model, module), layer.in_features)
+        return cache[site]
 
     return IdentityReport(fusion.method, fusion.lam, fusion.state.concepts, fusion.lora, gram_of,
                           set(sources)).compute()

@@ -1,7 +1,8 @@
 """Load a base model (diffusers folder or single-file checkpoint) and fingerprint it.
 
-Every base goes through `load_base`: real SD 1.5 folders, single-file checkpoints with a
-local config folder, and the tiny test base alike.
+Every base goes through `load_base`: real SD 1.5 and SDXL folders, single-file checkpoints with a
+local config folder, and the tiny test bases alike. A folder is SDXL when its model_index.json names
+StableDiffusionXLPipeline (a single file: when its config folder's does).
 """
 
 from __future__ import annotations
@@ -12,28 +13,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError, safe_open
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from shared.errors import InvalidArgument, UserError
+from shared.validate import parse_json
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = (*COMPONENTS, "text_encoder_2", "tokenizer_2")
 CONFIG_FILES = {
     "unet": "config.json",
     "vae": "config.json",
     "text_encoder": "config.json",
+    "text_encoder_2": "config.json",
     "tokenizer": "tokenizer_config.json",
+    "tokenizer_2": "tokenizer_config.json",
     "scheduler": "scheduler_config.json",
 }
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
 FINGERPRINT_SAMPLES = 1024  # values hashed per tensor: cheap for SD 1.5, still catches any fine-tune
 
 
 @dataclass
 class Base:
-    """The components of a Stable Diffusion 1.x/2.x base, on one device and dtype."""
+    """The components of a Stable Diffusion 1.x/2.x or SDXL base, on one device and dtype."""
 
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
@@ -43,6 +55,13 @@ class Base:
     fingerprint: str
     source: str
     stored_dtype: torch.dtype = torch.float32  # the dtype the base's own files store its UNet in
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second tokenizer and text encoder; None on SD 1.x/2.x
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    @property
+    def arch(self) -> str:
+        """"sdxl" for a base with two text encoders, else "sd"."""
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
 
     @property
     def device(self) -> torch.device:
@@ -60,24 +79,36 @@ def _quiet() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def is_sdxl_folder(folder: Path) -> bool:
+    """Whether a diffusers folder's model_index.json names the SDXL pipeline."""
+    index = parse_json((folder / "model_index.json").read_text(errors="replace"), f"{folder}/model_index.json")
+    if not isinstance(index, dict):
+        raise UserError(f"{folder}/model_index.json is not a JSON object: is it a diffusers pipeline folder?")
+    return index.get("_class_name") == SDXL_PIPELINE
+
+
 def check_base_folder(folder: Path) -> None:
     """Raise a UserError naming the first missing piece of a diffusers base folder."""
     if not (folder / "model_index.json").is_file():
         raise UserError(f"base folder {folder} has no model_index.json: is it a diffusers pipeline folder?")
-    for name in COMPONENTS:
+    for name in SDXL_COMPONENTS if is_sdxl_folder(folder) else COMPONENTS:
         cfg = folder / name / CONFIG_FILES[name]
         if not cfg.is_file():
             raise UserError(f"base folder {folder} is missing component '{name}' (no {cfg}); "
                             "copy the whole pipeline folder")
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name == "text_encoder_2" and not is_sdxl_folder(folder):
+            continue
         if not any((folder / name).glob("*.safetensors")) and not any((folder / name).glob("*.bin")):
             raise UserError(f"base folder {folder} has no weights in '{name}/' (expected *.safetensors)")
 
 
-def _load_components(path: Path, config: Path | None) -> StableDiffusionPipeline:
+def _load_components(path: Path, config: Path | None) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     _quiet()
     if path.is_dir():
         check_base_folder(path)
+        if is_sdxl_folder(path):
+            return StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True, add_watermarker=False)
         return StableDiffusionPipeline.from_pretrained(
             path, local_files_only=True, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
@@ -88,6 +119,9 @@ def _load_components(path: Path, config: Path | None) -> StableDiffusionPipeline
                         "same architecture (no model hub is used)")
     check_base_folder(config)
     try:
+        if is_sdxl_folder(config):
+            return StableDiffusionXLPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                              add_watermarker=False)
         return StableDiffusionPipeline.from_single_file(
             str(path), config=str(config), local_files_only=True, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
@@ -95,7 +129,8 @@ def _load_components(path: Path, config: Path | None) -> StableDiffusionPipeline
         raise UserError(f"cannot load single-file base {path} with config {config}: {exc}") from exc
 
 
-def fingerprint(models: dict[str, torch.nn.Module], tokenizer: CLIPTokenizer) -> str:
+def fingerprint(models: dict[str, torch.nn.Module], tokenizer: CLIPTokenizer,
+                tokenizer_2: CLIPTokenizer | None = None) -> str:
     """sha256 over the architecture, every weight's name and shape, and a strided sample of its values.
 
     Computed on the loaded float32 weights, so a folder and a single-file copy of the same
@@ -104,6 +139,8 @@ def fingerprint(models: dict[str, torch.nn.Module], tokenizer: CLIPTokenizer) ->
     h = hashlib.sha256()
     vocab = sorted(tokenizer.get_vocab().items())
     h.update(json.dumps(vocab[: len(vocab)], ensure_ascii=False).encode())
+    if tokenizer_2 is not None:  # SDXL: both vocabularies (an SD 1.x fingerprint is unchanged)
+        h.update(json.dumps(sorted(tokenizer_2.get_vocab().items()), ensure_ascii=False).encode())
     for name in sorted(models):
         model = models[name]
         h.update(f"{name}:{type(model).__name__}".encode())
@@ -140,17 +177,26 @@ def stored_dtype(path: Path) -> torch.dtype:
 
 
 def load_base(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              config: str | Path | None = None) -> Base:
+              config: str | Path | None = None, sdxl: bool = False) -> Base:
     """Load a base from a diffusers folder or a single-file checkpoint (with a local config folder).
 
-    The fingerprint is taken on the weights as stored, before casting to `dtype`.
+    The fingerprint is taken on the weights as stored, before casting to `dtype`. An SDXL base is loaded
+    only by callers that handle its second text encoder (`sdxl`); the others refuse it clearly.
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"base {path} does not exist")
+    folder = path if path.is_dir() else Path(config) if config else None
+    if not sdxl and folder is not None and (folder / "model_index.json").is_file() and is_sdxl_folder(folder):
+        raise UserError(f"base {path} is an SDXL base: training, statistics, fusion and sampling support SD 1.x/2.x "
+                        "bases so far (SDXL: docs/sdxl.md)")
     pipe = _load_components(path, Path(config) if config else None)
-    fp = fingerprint({"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}, pipe.tokenizer)
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+    models = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    second = getattr(pipe, "text_encoder_2", None)
+    if second is not None:
+        models["text_encoder_2"] = second
+    fp = fingerprint(models, pipe.tokenizer, getattr(pipe, "tokenizer_2", None))
+    for model in models.values():
         model.to(device=device, dtype=dtype).requires_grad_(False).eval()
     return Base(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler, fp, str(path),
-                stored_dtype(path))
+                stored_dtype(path), getattr(pipe, "tokenizer_2", None), second)

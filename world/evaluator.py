@@ -1,6 +1,8 @@
 """The world's evaluator: a small CNN that tells, for an image or a box of it, which world concept (or none),
-which shape and which colour is there. Trained on clean renders of single objects (whole scenes and box
-crops of multi-object scenes, resized to 32 px); weights in one safetensors file with its label lists.
+which shape and which colour is there. Trained on renders of single objects (whole scenes, box crops and
+region strips of multi-object scenes, resized to 32 px), most of them degraded the way generated images
+differ from clean renders (blur, lost resolution, colour shifts, noise); weights in one safetensors file with
+its label lists.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -53,22 +55,64 @@ class Evaluator(torch.nn.Module):
 
 def to_input(image: Image.Image, box: tuple[float, float, float, float] | None = None,
              margin: float = 0.15) -> torch.Tensor:
-    """(3, INPUT, INPUT) in [-1, 1]: the whole image, or a box (top, left, bottom, right fractions) with a margin."""
+    """(3, INPUT, INPUT) in [-1, 1]: the whole image, or a box (top, left, bottom, right fractions) with a margin,
+    clipped to the image and padded to a square with the crop's own border colour (never with what lies beside
+    the box, which may be another object)."""
     if box is not None:
         w, h = image.size
         top, left, bottom, right = box
         dy, dx = (bottom - top) * margin, (right - left) * margin
-        side = max(bottom - top + 2 * dy, right - left + 2 * dx)
-        cy, cx = (top + bottom) / 2, (left + right) / 2
-        image = image.crop((int((cx - side / 2) * w), int((cy - side / 2) * h), int((cx + side / 2) * w),
-                            int((cy + side / 2) * h)))
+        x0, y0 = max(0, round((left - dx) * w)), max(0, round((top - dy) * h))
+        x1, y1 = min(w, max(x0 + 1, round((right + dx) * w))), min(h, max(y0 + 1, round((bottom + dy) * h)))
+        crop = np.asarray(image.convert("RGB").crop((x0, y0, x1, y1)))
+        ch, cw = crop.shape[:2]
+        border = np.concatenate([crop[0], crop[-1], crop[:, 0], crop[:, -1]])
+        canvas = np.empty((max(ch, cw), max(ch, cw), 3), dtype=np.uint8)
+        canvas[:] = np.median(border, axis=0).astype(np.uint8)
+        oy, ox = (canvas.shape[0] - ch) // 2, (canvas.shape[1] - cw) // 2
+        canvas[oy:oy + ch, ox:ox + cw] = crop
+        image = Image.fromarray(canvas)
     pixels = np.asarray(image.convert("RGB").resize((INPUT, INPUT), Image.Resampling.BILINEAR), dtype=np.float32)
     return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
 
 
-def example(seed: int) -> tuple[torch.Tensor, dict[str, int]]:
-    """One labelled training input: a single-object scene (whole), or a box crop of a multi-object scene;
-    a third of them show a world concept."""
+def degrade(image: Image.Image, rng: random.Random) -> Image.Image:
+    """The image as a generator might draw it: blurred, at a lower resolution, colour-shifted, noisy (each
+    with some probability); a quarter of the images stay clean."""
+    if rng.random() < 0.25:
+        return image
+    w, h = image.size
+    if rng.random() < 0.7:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.6)))
+    if rng.random() < 0.4:
+        side = rng.randint(20, 44)
+        image = image.resize((side, side), Image.Resampling.BILINEAR).resize((w, h), Image.Resampling.BILINEAR)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        image = enhance(image).enhance(rng.uniform(0.85, 1.15))
+    if rng.random() < 0.5:
+        noise = np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(2, 10), (h, w, 3))
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+    return image
+
+
+def region_of(shot, index: int, rng: random.Random) -> tuple[float, float, float, float] | None:
+    """A full-height strip (a third to a half of the image wide) around object `index` that shows no more than
+    a tenth of any other object, as regional prompts place concepts; None if there is none."""
+    top, left, bottom, right = shot.boxes[index]
+    width = max(right - left, rng.uniform(0.33, 0.5))
+    centre = min(max((left + right) / 2, width / 2), 1 - width / 2)
+    strip = (0.0, centre - width / 2, 1.0, centre + width / 2)
+    size = shot.masks[index].shape[1]
+    x0, x1 = int(strip[1] * size), int(np.ceil(strip[3] * size))
+    for k, mask in enumerate(shot.masks):
+        if k != index and mask.sum() > 0 and mask[:, x0:x1].sum() > 0.1 * mask.sum():
+            return None
+    return strip
+
+
+def example(seed: int, degraded: bool = True) -> tuple[torch.Tensor, dict[str, int]]:
+    """One labelled training input: a single-object scene (whole), or a box crop or region strip of a
+    multi-object scene; a third of them show a world concept; most are `degraded` (if asked)."""
     rng = random.Random(seed)
     if rng.random() < 0.33:
         concept = CONCEPTS[rng.randrange(len(CONCEPTS))]
@@ -83,17 +127,20 @@ def example(seed: int) -> tuple[torch.Tensor, dict[str, int]]:
         obj = scene.objects[index]
         labels = {"concept": 0, "shape": SHAPE_LABELS.index(obj.shape), "colour": COLOUR_LABELS.index(obj.colour)}
     shot = render(scene)
-    whole = len(scene.objects) == 1 and rng.random() < 0.6
-    return to_input(shot.image, None if whole else shot.boxes[index]), labels
+    image = degrade(shot.image, rng) if degraded else shot.image
+    if len(scene.objects) == 1 and rng.random() < 0.6:
+        return to_input(image), labels
+    box = (region_of(shot, index, rng) if rng.random() < 0.4 else None) or shot.boxes[index]
+    return to_input(image, box), labels
 
 
-def batch(first: int, count: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    items = [example(s) for s in range(first, first + count)]
+def batch(first: int, count: int, degraded: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    items = [example(s, degraded) for s in range(first, first + count)]
     x = torch.stack([i[0] for i in items])
     return x, {k: torch.tensor([i[1][k] for i in items]) for k in ("concept", "shape", "colour")}
 
 
-def train_evaluator(out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+def train_evaluator(out: Path, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                     show_progress: bool = True) -> dict:
     """Train the evaluator and write `out/evaluator.safetensors`; returns its held-out accuracies."""
     number("steps", steps, 1, 1_000_000, integer=True)
@@ -120,7 +167,9 @@ def train_evaluator(out: Path, steps: int = 2000, batch_size: int = 64, lr: floa
             progress.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
     model.eval()
     accuracy = held_out_accuracy(model)
+    degraded = held_out_accuracy(model, degraded=True)
     record = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "accuracy": accuracy,
+              "accuracy_degraded": degraded,
               "seconds": round(time.monotonic() - start, 1)}
     with staged_dir(Path(out)) as stage:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(stage / WEIGHTS_FILE),
@@ -131,9 +180,9 @@ def train_evaluator(out: Path, steps: int = 2000, batch_size: int = 64, lr: floa
 
 
 @torch.no_grad()
-def held_out_accuracy(model: Evaluator, count: int = 1000) -> dict[str, float]:
-    """Accuracy per head on renders whose seeds training never used."""
-    x, y = batch(900_000_000, count)
+def held_out_accuracy(model: Evaluator, count: int = 1000, degraded: bool = False) -> dict[str, float]:
+    """Accuracy per head on renders whose seeds training never used: clean, or degraded as in training."""
+    x, y = batch(900_000_000, count, degraded)
     logits = model(x)
     return {k: float((logits[k].argmax(1) == y[k]).float().mean()) for k in logits}
 
