@@ -10,7 +10,8 @@ NAME = "make-world-evaluator"
 def run(out: Path = typer.Option(..., "--out", help="folder to create (evaluator.safetensors)"),
         steps: int = typer.Option(3000, "--steps"), batch_size: int = typer.Option(64, "--batch-size"),
         seed: int = typer.Option(0, "--seed")) -> None:
-    """Train the shapes world's evaluator (concept / shape / colour of an image or a box) on renders, most of them degraded as generated images are."""
+    """Train the shapes world's evaluator (concept / shape / colour of an image or a box) on renders, most of
+    them degraded as generated images are."""
     from rich import print
 
     from shared.atomic import check_fresh_output
