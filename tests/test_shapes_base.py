@@ -31,46 +31,45 @@ def test_committed_base_loads_and_follows_single_object_prompts(judge):
     assert len({im.tobytes() for im in images}) == len(images)
 
 
-@pytest.mark.slow  # a 500-step training on the shapes base
+@pytest.mark.slow  # a 700-step training on the shapes base
 def test_a_world_concept_is_found_more_often_with_its_lora(judge, tmp_path, monkeypatch, capsys):
-    """A brief ED-LoRA of the arrow (the world's own concept-training settings, fewer steps) on the shapes base:
-    the evaluator finds it in more samples of the concept's prompt than of the base's own prompt with the class
-    word (same seeds): the base has never seen an arrow."""
+    """A brief ED-LoRA of the band-square (the world's own concept-training settings, fewer steps) on the shapes
+    base: the evaluator finds it in more samples of the concept's prompt than of the base's own prompt with the
+    class word (same seeds): the base has never seen a blue square crossed by two yellow bands."""
     from client.config import TrainConfig
     from client.train import train_concept
     from shared.package import apply_concept
     from shared.sampling import generate
     from world.concepts import CONCEPT_TRAINING
 
-    make_world_concepts(tmp_path / "data", ["arrow"], images=12)
+    make_world_concepts(tmp_path / "data", ["band-square"], images=12)
     shutil.copytree(BASE, tmp_path / "base")
-    cfg = TrainConfig(**{**CONCEPT_TRAINING, "steps": 500, "preview": "none", "checkpoint_every": 0})
-    pkg, _ = train_concept(tmp_path / "base", tmp_path / "data" / "arrow", ["<arro1>", "<arro2>"], "sign",
-                           tmp_path / "arrow", cfg, show_progress=False)
+    cfg = TrainConfig(**{**CONCEPT_TRAINING, "steps": 700, "preview": "none", "checkpoint_every": 0})
+    pkg, _ = train_concept(tmp_path / "base", tmp_path / "data" / "band-square", ["<bsqr1>", "<bsqr2>"], "badge",
+                           tmp_path / "band-square", cfg, show_progress=False)
     base = load_base(tmp_path / "base")
     _, encoder = apply_concept(base, pkg)
     plain_base = load_base(tmp_path / "base")
     with torch.no_grad():
-        tuned = generate(base, encoder, ["a photo of a <arro1> <arro2>"] * 12, seed=3, steps=20,
+        tuned = generate(base, encoder, ["a photo of a <bsqr1> <bsqr2>"] * 12, seed=3, steps=20,
                          guidance=4.0, height=64, width=64)
-        plain = generate(plain_base, plain_encoder(plain_base), ["a photo of a sign"] * 12, seed=3,
+        plain = generate(plain_base, plain_encoder(plain_base), ["a photo of a badge"] * 12, seed=3,
                          steps=20, guidance=4.0, height=64, width=64)
-    found = sum(v["concept"] == "arrow" for v in judge.labels(tuned))
-    without = sum(v["concept"] == "arrow" for v in judge.labels(plain))
-    print(f"arrow found in {found}/12 samples with its LoRA, {without}/12 without")
-    assert found >= 6 and found > without + 3, (found, without)
+    found = sum(v["concept"] == "band-square" for v in judge.labels(tuned))
+    without = sum(v["concept"] == "band-square" for v in judge.labels(plain))
+    assert found >= 4 and found > without + 3, f"found in {found}/12 samples with its LoRA, {without}/12 without"
     # `mixshow eval concepts` gives the evaluator's verdict on the same model, and draws its grid
     from tests.badinput import run_mixshow
 
     code, out, err = run_mixshow(["eval", "concepts", "--base", tmp_path / "base", "--package", pkg, "--concept",
-                                  "arrow", "--seeds", "4", "--evaluator", EVALUATOR, "--grid",
+                                  "band-square", "--seeds", "4", "--evaluator", EVALUATOR, "--grid",
                                   tmp_path / "grid.png"], monkeypatch, capsys)
     assert code == 0, err
-    line = next(row for row in out.splitlines() if "arrow" in row)
+    line = next(row for row in out.splitlines() if "band-square" in row)
     from sample.scene import Scene, render
 
-    expected = sum(v["concept"] == "arrow" for v in judge.labels(
-        [render(base, encoder, Scene(prompt="a photo of a <arro1> <arro2>", seed=s, steps=20, guidance=4.0, height=64,
+    expected = sum(v["concept"] == "band-square" for v in judge.labels(
+        [render(base, encoder, Scene(prompt="a photo of a <bsqr1> <bsqr2>", seed=s, steps=20, guidance=4.0, height=64,
                                      width=64))[0] for s in range(4)]))
     assert f"{expected}/4" in line, (line, expected)
     assert (tmp_path / "grid.png").stat().st_size > 0
