@@ -22,10 +22,11 @@ from client.stats import compute_stats
 from client.train import train_concept
 from protos import mixshow_pb2 as pb
 from shared import storage
+from shared.atomic import staged_dir
 from shared.base import load_base
 from shared.device import parse_device, parse_dtype
 from shared.errors import InvalidArgument, UserError
-from shared.package import PACKAGE_FILES, read_package
+from shared.package import PACKAGE_FILES, WEIGHTS_FILE, read_package
 from shared.sampling import MAX_SEED
 from shared.stats_file import STATS_FILE
 from shared.storage import open_store, sha256_file
@@ -54,9 +55,12 @@ class NodeSettings:
     device: str = "cpu"
     dtype: str = "float32"
     train_config: Path | None = None  # this client's own training settings (YAML); the round sets steps, size
+    package: Path | None = None  # a ready package (e.g. from `mixshow import-lora`) to upload instead of training
 
     def __post_init__(self) -> None:
         check_client_name(self.name)
+        if self.package is not None:
+            return
         if not self.words:
             raise InvalidArgument("words", "is empty: give the concept's new words, e.g. '<cat1> <cat2>'")
         if not self.class_word.strip():
@@ -64,13 +68,16 @@ class NodeSettings:
 
     @classmethod
     def from_node_config(cls, cfg: dict) -> NodeSettings:
-        missing = [k for k in ("name", "data-dir", "words", "class-word", "base") if k not in cfg]
+        needed = ("name", "base") if cfg.get("package") else ("name", "data-dir", "words", "class-word", "base")
+        missing = [k for k in needed if k not in cfg]
         if missing:
             raise UserError(f"node config lacks {', '.join(missing)} (set them with mixshow join)")
-        return cls(str(cfg["name"]), Path(str(cfg["data-dir"])), str(cfg["words"]).split(), str(cfg["class-word"]),
-                   Path(str(cfg["base"])), Path(str(cfg.get("work-dir", Path.home() / ".mixshow" / "client"))),
+        return cls(str(cfg["name"]), Path(str(cfg.get("data-dir", ""))), str(cfg.get("words", "")).split(),
+                   str(cfg.get("class-word", "")), Path(str(cfg["base"])),
+                   Path(str(cfg.get("work-dir", Path.home() / ".mixshow" / "client"))),
                    str(cfg.get("device", "cpu")), str(cfg.get("dtype", "float32")),
-                   Path(str(cfg["train-config"])) if cfg.get("train-config") else None)
+                   Path(str(cfg["train-config"])) if cfg.get("train-config") else None,
+                   Path(str(cfg["package"])) if cfg.get("package") else None)
 
 
 def client_seed(name: str) -> int:
@@ -107,6 +114,8 @@ def package_for(config: pb.RoundConfig, node: NodeSettings) -> tuple[Path, bool]
     if not re.fullmatch(r"[0-9a-f]{64}", config.base_fingerprint):
         raise UserError(f"the round's base fingerprint {config.base_fingerprint[:80]!r} is not a sha256")
     pkg = node.work_dir / config.base_fingerprint[:16] / node.name
+    if node.package is not None:
+        return ready_package(config, node, pkg)
     work = pkg.with_name(pkg.name + ".work")
     finished = _finished_package(pkg, config.base_fingerprint)
     if finished and (pkg / STATS_FILE).is_file() and not config.retrain:
@@ -129,6 +138,27 @@ def package_for(config: pb.RoundConfig, node: NodeSettings) -> tuple[Path, bool]
         base = pristine
     compute_stats(base, pkg, samples=config.stats_samples or None, show_progress=False)
     return pkg, False
+
+
+def ready_package(config: pb.RoundConfig, node: NodeSettings, pkg: Path) -> tuple[Path, bool]:
+    """A node's ready package (trained or imported elsewhere) for the round: checked against the round's base,
+    copied into the work dir (once per version of its weights), its Grams recorded here if it has none."""
+    meta, _ = read_package(node.package)
+    if meta.base_fingerprint != config.base_fingerprint:
+        raise UserError(f"node {node.name}: package {node.package} was made on base {meta.base_fingerprint[:12]}, "
+                        f"the round's is {config.base_fingerprint[:12]}")
+    weights = sha256_file(node.package / WEIGHTS_FILE)
+    reused = (pkg / WEIGHTS_FILE).is_file() and sha256_file(pkg / WEIGHTS_FILE) == weights
+    if not reused:
+        shutil.rmtree(pkg, ignore_errors=True)
+        with staged_dir(pkg) as stage:
+            for name in PACKAGE_FILES:
+                if (node.package / name).is_file():
+                    shutil.copy2(node.package / name, stage / name)
+    if not (pkg / STATS_FILE).is_file():
+        base = load_base(node.base, parse_device(node.device), parse_dtype(node.dtype))
+        compute_stats(base, pkg, samples=config.stats_samples or None, show_progress=False)
+    return pkg, reused
 
 
 def put_with_retries(url: str, data: bytes, name: str) -> None:

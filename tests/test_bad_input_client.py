@@ -377,3 +377,15 @@ def test_join_refuses_bad_input_before_starting_a_supernode(case, tiny_base, toy
             "--class-word", CLASS_WORD, "--base", base, "--work-dir", tmp_path / "work",
             *[a.replace("{tmp}", str(tmp_path)) for a in extra]]
     assert_clean_error(args, tmp_path, expect, monkeypatch, capsys)
+
+
+def test_join_with_a_package_refuses_bad_input(trained, tiny_base, tmp_path, monkeypatch, capsys):
+    pkg, _ = trained
+    common = ["join", "--superlink", "127.0.0.1:1", "--insecure", "--base", tiny_base, "--work-dir", tmp_path / "w"]
+    assert_clean_error([*common, "--package", pkg, "--words", "<a1>"], tmp_path, "--package or --data", monkeypatch,
+                       capsys)
+    assert_clean_error([*common, "--words", "<a1>", "--class-word", "toy"], tmp_path, "--data is required",
+                       monkeypatch, capsys)
+    (tmp_path / "not-a-package").mkdir()
+    assert_clean_error([*common, "--package", tmp_path / "not-a-package"], tmp_path, "not-a-package", monkeypatch,
+                       capsys)

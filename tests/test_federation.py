@@ -80,13 +80,16 @@ def federation(tmp_path, tiny_base, toys, s3_env, s3_server):
                 if time.monotonic() > deadline:
                     raise RuntimeError((tmp_path / "superlink.log").read_text()[-2000:]) from None
                 time.sleep(0.5)
-        def join(name: str) -> None:  # `mixshow join` execs the SuperNode: same PID
-            words, cls = TOY_WORDS[name]
-            data = tmp_path / "data" / name
-            shutil.copytree(toys / name, data)
+        def join(name: str, package: Path | None = None) -> None:  # `mixshow join` execs the SuperNode: same PID
+            if package is None:
+                words, cls = TOY_WORDS[name]
+                data = tmp_path / "data" / name
+                shutil.copytree(toys / name, data)
+                concept = ["--data", str(data), "--words", " ".join(words), "--class-word", cls]
+            else:
+                concept = ["--package", str(package)]
             procs.append(start([str(BIN / "mixshow"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
-                                "--data", str(data), "--words", " ".join(words), "--class-word", cls,
-                                "--base", str(tiny_base), "--name", name, "--port", str(free_port()),
+                                *concept, "--base", str(tiny_base), "--name", name, "--port", str(free_port()),
                                 "--work-dir", str(tmp_path / "clients" / name)],
                                client_env, tmp_path / f"supernode-{name}.log"))
 
@@ -130,6 +133,30 @@ def fused_set(store, version: str, tmp_path: Path, tiny_base: Path) -> float:
     offline = [offline_package(store, r["source"], tmp_path / f"offline-{version}" / r["name"]) for r in records]
     fuse(tiny_base, offline, tmp_path / f"offline-fused-{version}", show_progress=False)
     return max_relative_difference(pulled, tmp_path / f"offline-fused-{version}")
+
+
+@pytest.mark.slow  # a real round of three SuperNodes
+def test_an_imported_lora_takes_part_in_a_round(federation, outside_lora, tiny_base, tmp_path, monkeypatch, capsys):
+    """A LoRA made elsewhere (kohya keys), imported by `mixshow import-lora`, joins a round with `mixshow join
+    --package` beside two clients that train: its client records its Grams and uploads it, and the version equals
+    an offline fusion of the three uploads."""
+    superlink, procs, join = federation
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    root, _ = outside_lora
+    pkg = tmp_path / "imported" / "outside"
+    code, _, err = run_cli(["import-lora", str(root / "kohya.safetensors"), "--base", str(tiny_base), "--trigger",
+                            "<ohwx>", "--class-word", "toy", "--name", "outside", "--out", str(pkg)], monkeypatch,
+                           capsys)
+    assert code == 0, err
+    join("outside-client", package=pkg)
+    store_url = "s3://mixshow/imported"
+    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 3, 10), monkeypatch, capsys)
+    assert code == 0 and "finished:completed" in " ".join(out.split()), err
+    store = open_store(store_url)
+    manifest = get_manifest(store, "v0001")
+    assert sorted(manifest.concepts) == ["blue-square", "outside", "red-circle"]
+    assert fused_set(store, "v0001", tmp_path, tiny_base) <= 1e-6
+    assert not (pkg / "stats.safetensors").exists()  # the client's own copy got the Grams, not the user's folder
 
 
 def test_rounds_build_on_the_latest_version(federation, tiny_base, tmp_path, monkeypatch, capsys):

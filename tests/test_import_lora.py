@@ -4,43 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from shared.base import load_base
-from shared.exchange import to_kohya
 from tests.badinput import assert_clean_error, run_mixshow
-
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]  # conv1: a resnet layer mixshow does not fuse
-
-
-@pytest.fixture(scope="module")
-def outside_lora(tiny_base, tmp_path_factory):
-    """A LoRA made with PEFT on the tiny base (random, so every layer changes), saved in diffusers' format and,
-    converted, in kohya's; with the update of every attention layer it makes."""
-    from diffusers import StableDiffusionPipeline
-
-    root = tmp_path_factory.mktemp("outside")
-    base = load_base(tiny_base)
-    torch.manual_seed(5)
-    # scale 1 (alpha = rank): diffusers' own file format carries no alpha
-    base.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS, init_lora_weights=False))
-    base.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                "out_proj"], init_lora_weights=False))
-    unet_state = get_peft_model_state_dict(base.unet)
-    text_state = {k if k.startswith("text_model.") else f"text_model.{k}": v  # CLIPTextModel's module names
-                  for k, v in get_peft_model_state_dict(base.text_encoder).items()}
-    StableDiffusionPipeline.save_lora_weights(root / "diffusers", unet_lora_layers=unet_state,
-                                              text_encoder_lora_layers=text_state, safe_serialization=True)
-    updates = {}
-    for prefix, model in (("unet", base.unet), ("text_encoder", base.text_encoder)):
-        for name, module in model.named_modules():
-            if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
-                updates[f"{prefix}.{name}"] = module.get_delta_weight("default").detach().float()
-    kohya = to_kohya({f"unet.{k}": v for k, v in unet_state.items()}, 1.0)  # kohya's alpha = scale x rank
-    kohya |= to_kohya({f"text_encoder.{k}": v for k, v in text_state.items()}, 1.0)
-    save_file(kohya, str(root / "kohya.safetensors"))
-    return root, updates
 
 
 @pytest.mark.slow  # two imports, their stats, two fusions
