@@ -49,3 +49,33 @@ def test_verbs_without_sdxl_support_refuse_an_sdxl_base(sdxl_base):
 
 def test_the_sd_tiny_base_stays_sd(tiny_base):
     assert load_base(tiny_base).arch == "sd"
+
+
+def test_kohya_keys_for_sdxl_load_in_diffusers_and_give_the_same_weights(sdxl_base, tmp_path):
+    """A LoRA on both text encoders and the UNet in kohya keys (`lora_te1_`, `lora_te2_`, `lora_unet_`, with
+    `.alpha`): diffusers' SDXL `load_lora_weights` reads it and fusing it gives W0 + scale * B @ A everywhere."""
+    from safetensors.torch import save_file
+
+    from shared.exchange import to_kohya
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_base, local_files_only=True)
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    suffixes = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+    generator = torch.Generator().manual_seed(0)
+    lora, expected = {}, {}
+    for prefix, model in models.items():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(suffixes):
+                down = torch.randn(2, module.in_features, generator=generator) * 0.1
+                up = torch.randn(module.out_features, 2, generator=generator) * 0.1
+                lora[f"{prefix}.{name}.lora_A.weight"], lora[f"{prefix}.{name}.lora_B.weight"] = down, up
+                expected[prefix, name] = module.weight.detach() + 0.5 * up @ down
+    kohya = to_kohya(lora, 0.5, sdxl=True)
+    assert {k.split("_", 2)[1] for k in kohya} == {"unet", "te1", "te2"}
+    save_file(kohya, str(tmp_path / "lora.safetensors"))
+    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
+    pipe.fuse_lora()
+    for (prefix, name), weight in expected.items():
+        got = models[prefix].get_submodule(name)
+        got = got.base_layer.weight if hasattr(got, "base_layer") else got.weight
+        assert float((got.detach() - weight).norm() / weight.norm()) <= 1e-5, (prefix, name)
