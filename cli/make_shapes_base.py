@@ -8,9 +8,9 @@ NAME = "make-shapes-base"
 
 
 def run(out: Path = typer.Option(..., "--out", help="folder to create (the trained diffusers pipeline)"),
-        steps: int = typer.Option(None, "--steps", help="UNet + text-encoder steps (default 3000)"),
-        vae_steps: int = typer.Option(None, "--vae-steps", help="autoencoder steps (default 1200)"),
-        decoder_steps: int = typer.Option(None, "--decoder-steps", help="decoder-only steps (default 1500)"),
+        steps: int = typer.Option(None, "--steps", help="UNet + text-encoder steps (default 7500)"),
+        vae_steps: int = typer.Option(None, "--vae-steps", help="autoencoder steps (default 1000)"),
+        decoder_steps: int = typer.Option(None, "--decoder-steps", help="decoder-only steps (default 800)"),
         minutes: float = typer.Option(None, "--minutes", help="time budget of the autoencoder and UNet phases "
                                                              "(default 52)"),
         seed: int = typer.Option(None, "--seed"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.badinput import run_mixshow
 from world.adherence import object_centre
 from world.concepts import BY_NAME, CONCEPTS, concept_scene, make_world_concepts
 from world.evaluator import Judge, held_out_accuracy
@@ -60,3 +61,15 @@ def judge():
 def test_evaluator_is_accurate_on_held_out_renders(judge):
     accuracy = held_out_accuracy(judge.model, 600)
     assert min(accuracy.values()) >= 0.98, accuracy
+
+
+def test_make_shapes_base_help_quotes_the_real_defaults(monkeypatch, capsys):
+    from world.shapes_base import BaseTraining
+
+    code, out, _ = run_mixshow(["make-shapes-base", "--help"], monkeypatch, capsys)
+    text = " ".join(out.replace("│", " ").split())
+    defaults = BaseTraining()
+    assert code == 0
+    for flag, value in (("UNet + text-encoder steps", defaults.steps), ("autoencoder steps", defaults.vae_steps),
+                        ("decoder-only steps", defaults.decoder_steps), ("phases", f"{defaults.minutes:g}")):
+        assert f"{flag} (default {value})" in text, (flag, value, text)
