@@ -87,44 +87,42 @@ def is_sdxl_folder(folder: Path) -> bool:
     return index.get("_class_name") == SDXL_PIPELINE
 
 
-def check_base_folder(folder: Path) -> None:
-    """Raise a UserError naming the first missing piece of a diffusers base folder."""
+def check_base_folder(folder: Path) -> bool:
+    """Raise a UserError naming the first missing piece of a diffusers base folder; return whether it is SDXL."""
     if not (folder / "model_index.json").is_file():
         raise UserError(f"base folder {folder} has no model_index.json: is it a diffusers pipeline folder?")
-    for name in SDXL_COMPONENTS if is_sdxl_folder(folder) else COMPONENTS:
+    sdxl = is_sdxl_folder(folder)
+    for name in SDXL_COMPONENTS if sdxl else COMPONENTS:
         cfg = folder / name / CONFIG_FILES[name]
         if not cfg.is_file():
             raise UserError(f"base folder {folder} is missing component '{name}' (no {cfg}); "
                             "copy the whole pipeline folder")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if name == "text_encoder_2" and not is_sdxl_folder(folder):
-            continue
+    for name in ("unet", "vae", "text_encoder", *(("text_encoder_2",) if sdxl else ())):
         if not any((folder / name).glob("*.safetensors")) and not any((folder / name).glob("*.bin")):
             raise UserError(f"base folder {folder} has no weights in '{name}/' (expected *.safetensors)")
+    return sdxl
 
 
-def _load_components(path: Path, config: Path | None) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+def _load_components(path: Path, config: Path | None, allow_sdxl: bool
+                     ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     _quiet()
+    if not path.is_dir():
+        if path.suffix not in (".safetensors", ".ckpt") or not path.is_file():
+            raise UserError(f"base {path} is neither a diffusers folder nor a .safetensors checkpoint file")
+        if config is None:
+            raise InvalidArgument("base_config", f"single-file base {path} needs a local diffusers folder of the "
+                                  "same architecture (no model hub is used)")
+    sdxl = check_base_folder(path if path.is_dir() else config)
+    if sdxl and not allow_sdxl:
+        raise UserError(f"base {path} is an SDXL base: training, statistics, fusion and sampling support SD 1.x/2.x "
+                        "bases so far (SDXL: docs/sdxl.md)")
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    options = {"add_watermarker": False} if sdxl else {"safety_checker": None, "feature_extractor": None,
+                                                       "requires_safety_checker": False}
     if path.is_dir():
-        check_base_folder(path)
-        if is_sdxl_folder(path):
-            return StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True, add_watermarker=False)
-        return StableDiffusionPipeline.from_pretrained(
-            path, local_files_only=True, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-    if path.suffix not in (".safetensors", ".ckpt") or not path.is_file():
-        raise UserError(f"base {path} is neither a diffusers folder nor a .safetensors checkpoint file")
-    if config is None:
-        raise InvalidArgument("base_config", f"single-file base {path} needs a local diffusers folder of the "
-                        "same architecture (no model hub is used)")
-    check_base_folder(config)
+        return pipeline.from_pretrained(path, local_files_only=True, **options)
     try:
-        if is_sdxl_folder(config):
-            return StableDiffusionXLPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
-                                                              add_watermarker=False)
-        return StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        return pipeline.from_single_file(str(path), config=str(config), local_files_only=True, **options)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"cannot load single-file base {path} with config {config}: {exc}") from exc
 
@@ -186,11 +184,7 @@ def load_base(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     path = Path(path)
     if not path.exists():
         raise UserError(f"base {path} does not exist")
-    folder = path if path.is_dir() else Path(config) if config else None
-    if not sdxl and folder is not None and (folder / "model_index.json").is_file() and is_sdxl_folder(folder):
-        raise UserError(f"base {path} is an SDXL base: training, statistics, fusion and sampling support SD 1.x/2.x "
-                        "bases so far (SDXL: docs/sdxl.md)")
-    pipe = _load_components(path, Path(config) if config else None)
+    pipe = _load_components(path, Path(config) if config else None, sdxl)
     models = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
     second = getattr(pipe, "text_encoder_2", None)
     if second is not None:
