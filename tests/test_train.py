@@ -260,9 +260,9 @@ def test_a_client_round_loads_the_base_once(tiny_base, toys, tmp_path, monkeypat
     loads = []
     real = shared.base._load_components
 
-    def counted(path, config):
+    def counted(path, config, allow_sdxl):
         loads.append(path)
-        return real(path, config)
+        return real(path, config, allow_sdxl)
 
     monkeypatch.setattr(shared.base, "_load_components", counted)
     config = pb.RoundConfig(base_fingerprint=fingerprint, steps=2, resolution=64, stats_samples=1)
