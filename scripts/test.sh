@@ -7,4 +7,4 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/ruff check .
 .venv/bin/lint-imports --no-cache
 # two workers: the machine (and CI) has 2 cores, and each test runs single-threaded
-.venv/bin/python -m pytest -q -n 2 --dist worksteal --durations=15 "$@"
+.venv/bin/python -m pytest -q -n 2 --durations=15 "$@"
