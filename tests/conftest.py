@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,16 +35,36 @@ def tiny_config(**kw) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` once per test run: the xdist workers of one run share the result (their base temporary
+    folders have one parent), so a session fixture costs its time once, not once per worker. Tests only read it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "built-once"
+    root.mkdir(exist_ok=True)
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died half-way
+            folder.mkdir()
+            build(folder)
+            (root / f"{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    return make_tiny_base(tmp_path_factory.mktemp("base") / "tiny-sd")
+    return built_once(tmp_path_factory, "base", lambda root: make_tiny_base(root / "tiny-sd")) / "tiny-sd"
 
 
 @pytest.fixture(scope="session")
 def toys(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("toys") / "concepts"
-    make_toy_concepts(out, 3, images=6, size=64)
-    return out
+    return built_once(tmp_path_factory, "toys", lambda root: make_toy_concepts(root / "concepts", 3, images=6,
+                                                                               size=64)) / "concepts"
 
 
 @pytest.fixture(scope="session")
@@ -49,9 +72,14 @@ def trained(tiny_base, toys, tmp_path_factory):
     """(package path, losses) of a 100-step ED-LoRA run on the red circle."""
     from client.train import train_concept
 
-    words, cls = TOY_WORDS["red-circle"]
-    out = tmp_path_factory.mktemp("pkg") / "red-circle"
-    return train_concept(tiny_base, toys / "red-circle", words, cls, out, tiny_config(), show_progress=False)
+    def build(root: Path) -> None:
+        words, cls = TOY_WORDS["red-circle"]
+        _, losses = train_concept(tiny_base, toys / "red-circle", words, cls, root / "red-circle", tiny_config(),
+                                  show_progress=False)
+        (root / "losses.json").write_text(json.dumps(losses))
+
+    root = built_once(tmp_path_factory, "pkg", build)
+    return root / "red-circle", json.loads((root / "losses.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -61,14 +89,14 @@ def three_packages(tiny_base, toys, tmp_path_factory) -> list[Path]:
     from client.train import train_concept
     from shared.base import load_base
 
-    root = tmp_path_factory.mktemp("three")
-    paths = []
-    for seed, (name, (words, cls)) in enumerate(TOY_WORDS.items()):
-        pkg, _ = train_concept(tiny_base, toys / name, words, cls, root / name, tiny_config(steps=60, seed=seed),
-                               show_progress=False)
-        compute_stats(load_base(tiny_base), pkg, samples=2, steps=10, seed=seed, show_progress=False)
-        paths.append(pkg)
-    return paths
+    def build(root: Path) -> None:
+        for seed, (name, (words, cls)) in enumerate(TOY_WORDS.items()):
+            pkg, _ = train_concept(tiny_base, toys / name, words, cls, root / name, tiny_config(steps=60, seed=seed),
+                                   show_progress=False)
+            compute_stats(load_base(tiny_base), pkg, samples=2, steps=10, seed=seed, show_progress=False)
+
+    root = built_once(tmp_path_factory, "three", build)
+    return [root / name for name in TOY_WORDS]
 
 
 @pytest.fixture(scope="session")
@@ -77,12 +105,13 @@ def fused_three(tiny_base, three_packages, tmp_path_factory) -> dict[str, Path]:
     the tests of exact identities are exact; tests/test_artefacts.py covers the float16 default)."""
     from server.fuse import fuse
 
-    root = tmp_path_factory.mktemp("fused")
-    out = {}
-    for method in ("gradient", "average"):
-        out[method] = root / method
-        fuse(tiny_base, three_packages, out[method], method=method, show_progress=False, lora_dtype=torch.float32)
-    return out
+    def build(root: Path) -> None:
+        for method in ("gradient", "average"):
+            fuse(tiny_base, three_packages, root / method, method=method, show_progress=False,
+                 lora_dtype=torch.float32)
+
+    root = built_once(tmp_path_factory, "fused", build)
+    return {method: root / method for method in ("gradient", "average")}
 
 
 @pytest.fixture(scope="session")

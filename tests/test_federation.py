@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,18 +58,19 @@ def stop(procs: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
-@pytest.fixture
-def federation(tmp_path, tiny_base, toys, s3_env, s3_server):
-    """SuperLink (with the store's credentials, for the ServerApp) + 2 SuperNodes (without any); yields
-    (address, processes, join) where join(name) starts one more SuperNode. Each client's data is its own copy."""
-    home = tmp_path / "flwr-home"
-    home.mkdir()
+@contextmanager
+def running_federation(root: Path, tiny_base: Path, toys: Path, names=("red-circle", "blue-square")):
+    """A SuperLink (with the store's credentials, for the ServerApp) + one SuperNode per name (without any), all
+    under `root`; yields (address, processes, join) where join(name) starts one more SuperNode. Each client's data
+    is its own copy."""
+    home = root / "flwr-home"
+    home.mkdir(parents=True)
     base_env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                     PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
     client_env = {k: v for k, v in base_env.items() if not k.startswith("MIXSHOW_S3_")}
     port = free_port()
     procs = [start([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                    "--disable-runtime-dependency-installation"], base_env, tmp_path / "superlink.log")]
+                    "--disable-runtime-dependency-installation"], base_env, root / "superlink.log")]
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -78,27 +80,34 @@ def federation(tmp_path, tiny_base, toys, s3_env, s3_server):
                         break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "superlink.log").read_text()[-2000:]) from None
+                    raise RuntimeError((root / "superlink.log").read_text()[-2000:]) from None
                 time.sleep(0.5)
         def join(name: str, package: Path | None = None) -> None:  # `mixshow join` execs the SuperNode: same PID
             if package is None:
                 words, cls = TOY_WORDS[name]
-                data = tmp_path / "data" / name
+                data = root / "data" / name
                 shutil.copytree(toys / name, data)
                 concept = ["--data", str(data), "--words", " ".join(words), "--class-word", cls]
             else:
                 concept = ["--package", str(package)]
             procs.append(start([str(BIN / "mixshow"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
                                 *concept, "--base", str(tiny_base), "--name", name, "--port", str(free_port()),
-                                "--work-dir", str(tmp_path / "clients" / name)],
-                               client_env, tmp_path / f"supernode-{name}.log"))
+                                "--work-dir", str(root / "clients" / name)],
+                               client_env, root / f"supernode-{name}.log"))
 
-        for name in ("red-circle", "blue-square"):
+        for name in names:
             join(name)
         yield f"127.0.0.1:{port}", procs, join
     finally:
         stop(procs)
         assert all(p.poll() is not None for p in procs)
+
+
+@pytest.fixture
+def federation(tmp_path, tiny_base, toys, s3_env, s3_server):
+    """A running federation of two clients (red-circle and blue-square) under tmp_path."""
+    with running_federation(tmp_path, tiny_base, toys) as running:
+        yield running
 
 
 def round_args(superlink: str, store_url: str, tiny_base: Path, min_clients: int, steps: int) -> list[str]:
@@ -135,44 +144,22 @@ def fused_set(store, version: str, tmp_path: Path, tiny_base: Path) -> float:
     return max_relative_difference(pulled, tmp_path / f"offline-fused-{version}")
 
 
-@pytest.mark.slow  # a real round of three SuperNodes
-def test_an_imported_lora_takes_part_in_a_round(federation, outside_lora, tiny_base, tmp_path, monkeypatch, capsys):
-    """A LoRA made elsewhere (kohya keys), imported by `mixshow import-lora`, joins a round with `mixshow join
-    --package` beside two clients that train: its client records its Grams and uploads it, and the version equals
-    an offline fusion of the three uploads."""
-    superlink, procs, join = federation
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    root, _ = outside_lora
-    pkg = tmp_path / "imported" / "outside"
-    code, _, err = run_cli(["import-lora", str(root / "kohya.safetensors"), "--base", str(tiny_base), "--trigger",
-                            "<ohwx>", "--class-word", "toy", "--name", "outside", "--out", str(pkg)], monkeypatch,
-                           capsys)
-    assert code == 0, err
-    join("outside-client", package=pkg)
-    store_url = "s3://mixshow/imported"
-    code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 3, 10), monkeypatch, capsys)
-    assert code == 0 and "finished:completed" in " ".join(out.split()), err
-    store = open_store(store_url)
-    manifest = get_manifest(store, "v0001")
-    assert sorted(manifest.concepts) == ["blue-square", "outside", "red-circle"]
-    assert fused_set(store, "v0001", tmp_path, tiny_base) <= 1e-6
-    assert not (pkg / "stats.safetensors").exists()  # the client's own copy got the Grams, not the user's folder
-
-
-def test_rounds_build_on_the_latest_version(federation, tiny_base, tmp_path, monkeypatch, capsys):
+def test_rounds_build_on_the_latest_version(federation, outside_lora, tiny_base, tmp_path, monkeypatch, capsys):
     """`mixshow join`, `mixshow round`, `mixshow pull`, three rounds of a lineage. Round 1: clients A
-    (red-circle) and B (blue-square). Round 2: C (green-triangle) joins, B updates its package, A's is
-    unchanged and not uploaded again. Round 3: A withdraws (`mixshow withdraw`). Each version's weights equal
-    an offline fusion of its set. Then: a round that changes nothing publishes nothing; the operator removes a
-    concept (`round --remove`); the lineage is listed and older versions stay pullable."""
+    (red-circle) and B (blue-square). Round 2: C (green-triangle) joins, and so does D with a LoRA made elsewhere
+    (kohya keys, imported by `mixshow import-lora`, joined with `mixshow join --package`: its client records the
+    Grams and uploads it); B updates its package, A's is unchanged and not uploaded again. Round 3: A withdraws
+    (`mixshow withdraw`). Each version's weights equal an offline fusion of its set. Then: a round that changes
+    nothing publishes nothing; the operator removes a concept (`round --remove`); the lineage is listed and older
+    versions stay pullable."""
     superlink, procs, join = federation
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     store_url = "s3://mixshow/lineage"
     store = open_store(store_url)
 
-    def run_round(*extra: str) -> None:
-        code, out, err = run_cli(round_args(superlink, store_url, tiny_base, 2, 10) + list(extra), monkeypatch,
-                                 capsys)
+    def run_round(*extra: str, clients: int = 2) -> None:
+        code, out, err = run_cli(round_args(superlink, store_url, tiny_base, clients, 10) + list(extra),
+                                 monkeypatch, capsys)
         assert code == 0 and "finished:completed" in " ".join(out.split()), err
 
     run_round()
@@ -189,32 +176,40 @@ def test_rounds_build_on_the_latest_version(federation, tiny_base, tmp_path, mon
         return {k.split("/")[2] for k in store.list(f"rounds/{get_manifest(store, version).round_id}/")}
 
     join("green-triangle")
+    root, _ = outside_lora
+    pkg = tmp_path / "imported" / "outside"
+    code, _, err = run_cli(["import-lora", str(root / "kohya.safetensors"), "--base", str(tiny_base), "--trigger",
+                            "<ohwx>", "--class-word", "toy", "--name", "outside", "--out", str(pkg)], monkeypatch,
+                           capsys)
+    assert code == 0, err
+    join("outside-client", package=pkg)
     blue = tmp_path / "data" / "blue-square"  # B has a new picture, and trains its package anew
     shutil.copy(next(blue.glob("*.png")), blue / "new.png")
     shutil.copy(next(blue.glob("*.txt")), blue / "new.txt")
     shutil.rmtree(next((tmp_path / "clients" / "blue-square").glob("*/blue-square")))
-    run_round()
+    run_round(clients=4)
     second = get_manifest(store, latest(store))
     assert second.version == "v0002" and second.parent == "v0001"
-    assert sorted(second.concepts) == ["blue-square", "green-triangle", "red-circle"]
-    assert list(second.added) == ["green-triangle"] and list(second.replaced) == ["blue-square"]
-    assert not second.removed and len(uploads_of("v0002")) == 2  # A uploaded nothing
+    assert sorted(second.concepts) == ["blue-square", "green-triangle", "outside", "red-circle"]
+    assert sorted(second.added) == ["green-triangle", "outside"] and list(second.replaced) == ["blue-square"]
+    assert not second.removed and len(uploads_of("v0002")) == 3  # A uploaded nothing
     assert fused_set(store, "v0002", tmp_path, tiny_base) <= 1e-6
+    assert not (pkg / "stats.safetensors").exists()  # D's client's own copy got the Grams, not the user's folder
 
     code, out, err = run_cli(["withdraw", "--name", "red-circle", "--work-dir", str(tmp_path / "clients" /
                                                                                  "red-circle")], monkeypatch, capsys)
     assert code == 0, err
-    run_round()
+    run_round(clients=4)
     third = get_manifest(store, latest(store))
     assert third.version == "v0003" and third.parent == "v0002" and list(third.removed) == ["red-circle"]
-    assert sorted(third.concepts) == ["blue-square", "green-triangle"] and not uploads_of("v0003")
+    assert sorted(third.concepts) == ["blue-square", "green-triangle", "outside"] and not uploads_of("v0003")
     assert fused_set(store, "v0003", tmp_path, tiny_base) <= 1e-6
 
     run_round()
     assert latest(store) == "v0003"  # nothing changed: no new version
     run_round("--remove", "green-triangle")
     final = get_manifest(store, latest(store))
-    assert list(final.concepts) == ["blue-square"] and list(final.removed) == ["green-triangle"]
+    assert sorted(final.concepts) == ["blue-square", "outside"] and list(final.removed) == ["green-triangle"]
     pull(store, tmp_path / "v1-again", "v0001")  # older versions stay pullable
     code, out, err = run_cli(["registry", "--store", store_url, "--list"], monkeypatch, capsys)
     listed = " ".join(out.split())
@@ -264,29 +259,41 @@ def _kill_when_training(proc: subprocess.Popen, log: Path, deadline: float = 300
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("min_clients", [1, 2])
-def test_a_client_killed_mid_round(min_clients, federation, tiny_base, fused_three, tmp_path, monkeypatch, capsys):
+def test_a_client_killed_mid_round(tiny_base, toys, fused_three, s3_env, tmp_path):
+    """Two federations at once (the SuperLink takes a minute to declare a dead node gone: the two waits overlap),
+    each losing its blue-square client as soon as it starts training. With --min-clients 1 the survivor's concept
+    is published; with --min-clients 2 the round fails and LATEST stays the version it was."""
     import threading
 
     from shared.checkpoints import publish
 
-    superlink, procs, _ = federation
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    store_url = f"s3://mixshow/kill-{min_clients}"
-    store = open_store(store_url)
-    previous = publish(store, fused_three["average"]).version if min_clients == 2 else None
-    victim = threading.Thread(target=_kill_when_training, args=(procs[2], tmp_path / "supernode-blue-square.log"))
-    victim.start()
-    try:
-        code, out, err = run_cli(round_args(superlink, store_url, tiny_base, min_clients, 10), monkeypatch, capsys)
-        if min_clients == 1:
-            assert code == 0, err
-            assert latest(store) != previous
-            manifest = pull(store, tmp_path / "pulled")
-            assert list(manifest.concepts) == ["red-circle"]
-        else:
-            assert code == 2 and "ended finished:failed" in err, (out, err)
-            assert latest(store) == previous
-    finally:
-        victim.join()
-    assert procs[2].poll() is not None  # the victim really died
+    with ExitStack() as stack:
+        rounds, victims, stores, previous = {}, [], {}, {}
+        for min_clients in (1, 2):
+            root = tmp_path / f"min-{min_clients}"
+            superlink, procs, _ = stack.enter_context(running_federation(root, tiny_base, toys))
+            store_url = f"s3://mixshow/kill-{min_clients}"
+            stores[min_clients] = open_store(store_url)
+            previous[min_clients] = publish(stores[min_clients], fused_three["average"]).version \
+                if min_clients == 2 else None
+            victims.append(threading.Thread(target=_kill_when_training,
+                                            args=(procs[2], root / "supernode-blue-square.log")))
+            victims[-1].start()
+            rounds[min_clients] = (subprocess.Popen(
+                [str(BIN / "mixshow"), *round_args(superlink, store_url, tiny_base, min_clients, 10)],
+                env=dict(os.environ, FLWR_HOME=str(root / "flwr-home")), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True), procs[2])
+        try:
+            results = {n: (*proc.communicate(timeout=400), proc.returncode) for n, (proc, _) in rounds.items()}
+        finally:
+            for thread in victims:
+                thread.join()
+        out, err, code = results[1]
+        assert code == 0, err
+        assert latest(stores[1]) is not None
+        manifest = pull(stores[1], tmp_path / "pulled")
+        assert list(manifest.concepts) == ["red-circle"]
+        out, err, code = results[2]
+        assert code == 2 and "ended finished:failed" in err, (out, err)
+        assert latest(stores[2]) == previous[2]
+        assert all(victim.poll() is not None for _, victim in rounds.values())  # the victims really died
