@@ -1,6 +1,7 @@
 """Closed-form gradient fusion at SD 1.5 shapes: speed, memory, L-BFGS comparison, incremental add, stats size.
 
     python bench/fusion.py [--concepts 14] [--rank 4] [--lbfgs-subset small|full] [--lbfgs-steps 2] [--seed 0]
+    python bench/fusion.py --arch sdxl [--concepts 14]     # (a) only, at SDXL 1.0's shapes, site by site
 
 Layer shapes come from the real SD 1.5 configs built on the meta device (UNet2DConditionModel
 with cross_attention_dim=768; CLIPTextModel with CLIP ViT-L/14's text config, given explicitly
@@ -67,6 +68,7 @@ GOAL_SPEEDUP, GOAL_ADD_RATIO, GOAL_STATS_MB, GOAL_PACKED = 1000.0, 1.5, 100.0, 1
 GOAL_LORA_MB = 40.0  # (e) the fused LoRA of 14 concepts; the fused folder <= the base's own size + that LoRA
 SD_VOCAB = 49408
 DESIGN_SECONDS = 8.0  # docs/design.md §2.3: all 104 sites, 14 concepts, fp64, 2 cores, unoptimised
+GOAL_SDXL_SECONDS, GOAL_SDXL_GB = 15.0, 4.0  # the SDXL fusion of 14 concepts on this machine (issue: SDXL)
 
 
 # -- layers ------------------------------------------------------------------------------------------------
@@ -76,8 +78,6 @@ def sd15_layers() -> list[dict]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from shared.lora import TEXT_TARGETS, UNET_TARGETS, target_modules
-
     with init_empty_weights():
         unet = UNet2DConditionModel(cross_attention_dim=768)
         # SD 1.5's text encoder is CLIP ViT-L/14's; CLIPTextConfig() alone gives ViT-B/32's (hidden 512)
@@ -85,15 +85,54 @@ def sd15_layers() -> list[dict]:
                                             num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu"))
     if text.config.hidden_size != unet.config.cross_attention_dim:
         raise ValueError("text encoder width differs from the UNet's cross-attention width")
-    levels = len(unet.config.block_out_channels)
+    return adapted_layers([("text_encoder", text), ("unet", unet)], LATENT)
+
+
+def sdxl_layers() -> list[dict]:
+    """Every adapted layer of SDXL 1.0 (its published UNet and text-encoder configs, given explicitly): 70
+    cross-attention transformer blocks reading 2,048-wide text states from CLIP ViT-L (768) + OpenCLIP
+    ViT-bigG (1,280), at 1,024 px."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                            num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu"))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+            projection_dim=1280, hidden_act="gelu"))
+    if text.config.hidden_size + text_2.config.hidden_size != unet.config.cross_attention_dim:
+        raise ValueError("the two text encoders' widths do not add up to the UNet's cross-attention width")
+    blocks = sum(1 for n, _ in unet.named_modules() if n.endswith(".attn2"))
+    if blocks != 70:
+        raise ValueError(f"the SDXL UNet built here has {blocks} cross-attention blocks, not 70")
+    return adapted_layers([("text_encoder", text), ("text_encoder_2", text_2), ("unet", unet)], 1024 // 8)
+
+
+def adapted_layers(models: list[tuple[str, torch.nn.Module]], latent: int) -> list[dict]:
+    """The method's adapted layers of each (name, model): text encoders' self_attn q/k/v/out, the UNet's attn1
+    and attn2 q/k/v/out.0, each with its input site, widths, kind and rows per concept (`latent`: the latent
+    side, for the spatial rows)."""
+    from shared.lora import TEXT_TARGETS, UNET_TARGETS, target_modules
+
     layers = []
-    for model_name, model, targets in (("text_encoder", text, TEXT_TARGETS), ("unet", unet, UNET_TARGETS)):
-        for site, modules in group_sites(target_modules(model, targets)).items():
+    for model_name, model in models:
+        is_unet = model_name == "unet"
+        levels = len(model.config.block_out_channels) if is_unet else 0
+        for site, modules in group_sites(target_modules(model, UNET_TARGETS if is_unet else TEXT_TARGETS)).items():
             for module in modules:
                 layer = model.get_submodule(module)
                 entry = {"model": model_name, "module": module, "site": f"{model_name}.{site}",
                          "d_in": layer.in_features, "d_out": layer.out_features, "hw": 0}
-                if model_name == "text_encoder":
+                if not is_unet:
                     entry["kind"] = "te.qkv" if module.endswith(("q_proj", "k_proj", "v_proj")) else "te.out"
                     entry["rows"] = TEXT_ROWS
                 elif is_text_side(module):
@@ -103,7 +142,7 @@ def sd15_layers() -> list[dict]:
                     level = levels - 1 if parts[0] == "mid_block" else int(parts[1])
                     if parts[0] == "up_blocks":
                         level = levels - 1 - level
-                    entry["hw"] = (LATENT >> level) ** 2
+                    entry["hw"] = (latent >> level) ** 2
                     entry["rows"] = STEPS * entry["hw"]
                     attn = "attn1" if ".attn1." in module else "attn2"
                     leaf = "out" if module.endswith("to_out.0") else ("q" if attn == "attn2" else "qkv")
@@ -337,6 +376,98 @@ def child(args: argparse.Namespace) -> None:
     # (d) one concept's stats file (client-side sites) for real, and the compact packing's fusion error
     res.update(stats_file(sites, grams, ups, downs, N))
     Path(args.result).write_text(json.dumps(res))
+
+
+# -- child: (a) streamed, at shapes whose Grams do not all fit in memory (SDXL) ------------------------------
+def child_streaming(args: argparse.Namespace) -> None:
+    """(a) site by site: each site's Grams (or, on the text side, rows) of every concept are made just before it
+    is fused (untimed) and dropped after, as a server streaming them from the stats files holds them; the site is
+    fused twice through shared.fusion.fuse_site (the server's own function), timed. Spatial Grams come from two
+    Wishart bases per (width, rows), shared by every site of that shape, scaled D·Ĝ·D per site and concept."""
+    from shared.fusion import Term, fuse_site
+
+    layers = json.loads(Path(args.child).read_text())
+    sites = site_table(layers)
+    N = args.concepts
+    torch.manual_seed(args.seed)  # the χ² draws
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    ups, downs = make_loras(layers, N, args.rank, gen)
+    shapes = {(la["d_in"], la["rows"]) for la in layers}
+    mixes = {d: mixing(d, gen) for d in {d for d, _ in shapes}}
+    bases = {(d, n): [wishart_gram(mixes[d], n, gen) for _ in range(BASES)] for d, n in shapes if n >= d}
+    setup_s = time.perf_counter() - t0
+    print(f"  [child] LoRAs of {N} concepts and {sum(map(len, bases.values()))} Wishart bases made in {setup_s:.1f} s "
+          "(setup)", file=sys.stderr)
+    gc.collect()
+    release_free_heap()
+    base_kb, exact = proc_kb("VmRSS"), reset_peak()
+    first = best = inputs_s = 0.0
+    fused = {}
+    for site_layers in sites.values():
+        t = time.perf_counter()
+        d, n = site_layers[0]["d_in"], site_layers[0]["rows"]
+        names = [qual(la) for la in site_layers]
+        text_side = site_layers[0]["kind"] == "attn2.kv"
+        if text_side:  # the server's own k/v rows: the row form (fewer rows than width)
+            rows = {f"c{i}": (1.0, torch.randn(n, d, generator=gen, dtype=F64) @ mixes[d]) for i in range(N)}
+            grams = None
+        elif n < d:
+            grams = [explicit_gram(mixes[d], n, gen) for _ in range(N)]
+        else:
+            grams = []
+            for i in range(N):
+                scale = torch.exp(0.2 * torch.randn(d, generator=gen, dtype=F64))
+                grams.append(bases[(d, n)][i % BASES] * torch.outer(scale, scale))
+        inputs_s += time.perf_counter() - t
+        runs = []
+        for _ in range(2):
+            t = time.perf_counter()
+            if text_side:
+                Y = torch.cat([(1.0 / n) ** 0.5 * x for _, x in rows.values()])
+                S = Y.T @ Y
+                modules = {q: [Term(f"c{i}", 1.0, ups[i][q], downs[i][q]) for i in range(N)] for q in names}
+                out = fuse_site("gradient", modules, S, LAM, rows=rows)
+            else:
+                S = site_sum(grams)
+                per_concept = [agram_rows([downs[i][q] for q in names], grams[i]) for i in range(N)]
+                modules = {q: [Term(f"c{i}", 1.0, ups[i][q], downs[i][q], per_concept[i][k]) for i in range(N)]
+                           for k, q in enumerate(names)}
+                out = fuse_site("gradient", modules, S, LAM)
+            runs.append(time.perf_counter() - t)
+            del S, modules
+        first, best = first + runs[0], best + min(runs)
+        fused.update(out)
+        del grams
+        if text_side:
+            del rows, Y
+    peak_kb = proc_kb("VmHWM") if exact else None
+    if peak_kb is None:
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = {"setup_s": setup_s, "inputs_s": inputs_s, "sites": len(sites), "layers": len(layers), "first_s": first,
+           "best_s": best, "base_mb": base_kb / 1024, "peak_total_mb": peak_kb / 1024,
+           "peak_mb": (peak_kb - base_kb) / 1024, "exact_peak": exact,
+           "rank_out": int(next(iter(fused.values()))[1].shape[0]),
+           "out_mb": sum(u.numel() * u.element_size() + v.numel() * v.element_size()
+                         for u, v in fused.values()) / 2**20}
+    Path(args.result).write_text(json.dumps(res))
+
+
+def report_streaming(res: dict, layers: list[dict], N: int) -> None:
+    text = sorted({la["model"] for la in layers if la["model"] != "unet"})
+    n_te = sum(la["model"] != "unet" for la in layers)
+    how = "VmHWM after reset" if res["exact_peak"] else "ru_maxrss, an upper bound"
+    total_gb = res["peak_total_mb"] / 1024
+    print(f"(a) SDXL: closed-form fusion of all adapted layers, {res['sites']} input sites, {res['layers']} layers "
+          f"({n_te} in {' + '.join(text)}, {res['layers'] - n_te} UNet), {N} concepts (fused LoRA rank "
+          f"{res['rank_out']}), site by site through shared.fusion.fuse_site: {res['best_s']:.2f} s wall, best of 2 "
+          f"runs per site (first runs {res['first_s']:.2f} s) | goal <= {GOAL_SDXL_SECONDS:.0f} s: "
+          f"{'met' if res['best_s'] <= GOAL_SDXL_SECONDS else 'MISSED'}; peak memory {total_gb:.2f} GiB in all "
+          f"(+{res['peak_mb']:.0f} MiB over the {res['base_mb'] / 1024:.2f} GiB resident before, which holds the "
+          f"{N} concepts' float64 LoRAs; one site's Grams of all concepts at a time, and the fused LoRAs "
+          f"({res['out_mb']:.0f} MiB float64) as they grow; {how}) | goal <= {GOAL_SDXL_GB:.0f} GiB: "
+          f"{'met' if total_gb <= GOAL_SDXL_GB else 'MISSED'} (making the Grams: {res['inputs_s']:.0f} s, "
+          f"setup {res['setup_s']:.0f} s, not timed)", flush=True)
 
 
 PACKED = ("full32", "tri32", "tri16", "compact")
@@ -610,6 +741,8 @@ def main() -> None:
     parser.add_argument("--lbfgs-steps", type=int, default=LBFGS_STEPS,
                         help=f"sampler steps of raw rows per concept at spatial layers in (b) (the Grams use {STEPS})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15",
+                        help="sdxl: (a) only, at SDXL 1.0's shapes, site by site")
     parser.add_argument("--skip-sizes", action="store_true", help="leave out (e), the artefact sizes")
     parser.add_argument("--sizes-only", action="store_true", help="run only (e), the artefact sizes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -618,7 +751,7 @@ def main() -> None:
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if args.child:
-        child(args)
+        (child_streaming if args.arch == "sdxl" else child)(args)
         return
     start, cpu0, own0 = time.perf_counter(), cpu_times(), own_cpu_seconds()
     N = args.concepts
@@ -627,23 +760,36 @@ def main() -> None:
             artefact_sizes(N, args.rank, Path(tmp))
         return
     load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    print(f"fusion bench: torch {torch.__version__}, {torch.get_num_threads()} threads{load}, {N} concepts, "
-          f"rank {args.rank}, seed {args.seed}, lam = {LAM:g}*tr(S)/d, L-BFGS subset {args.lbfgs_subset}. "
-          f"Simplifications: SD 1.5 shapes on the meta device (text encoder = CLIP ViT-L/14 text, set explicitly); "
-          f"random W0/LoRAs/activations; Grams made once per concept and site (setup, untimed): text encoder "
-          f"({TEXT_ROWS} rows) and text-side k/v ({KV_ROWS} rows) from fresh rows X = Z*M, UNet spatial sites "
-          f"({STEPS} steps x h*w rows) as exact-in-law Grams of X = Z*M (Bartlett Wishart, X never formed), "
-          f"{BASES} per site reused across concepts as D*G*D with a random diagonal D per concept; text-side k/v Grams "
-          f"are fused like stored Grams (the server's fused-text-encoder forward is not timed); (b) holds "
-          f"{args.lbfgs_steps} steps x h*w raw rows per concept at spatial layers for BOTH methods, L-BFGS in float32 "
-          f"as the reference", flush=True)
-    layers = sd15_layers()
+    if args.arch == "sdxl":
+        print(f"fusion bench, SDXL: torch {torch.__version__}, {torch.get_num_threads()} threads{load}, {N} concepts, "
+              f"rank {args.rank}, seed {args.seed}, lam = {LAM:g}*tr(S)/d. SDXL 1.0's UNet and two text encoders "
+              f"on the meta device (configs given explicitly), 1,024 px; random W0/LoRAs/activations; rows per "
+              f"concept as for SD 1.5: text encoders {TEXT_ROWS}, UNet spatial {STEPS} steps x h*w (Wishart), "
+              f"cross-attention k/v {KV_ROWS} rows of the 2,048-wide text states (the row form); the server's "
+              f"forward of the prompts through the fused encoders is not timed", flush=True)
+    else:
+        print(f"fusion bench: torch {torch.__version__}, {torch.get_num_threads()} threads{load}, {N} concepts, "
+              f"rank {args.rank}, seed {args.seed}, lam = {LAM:g}*tr(S)/d, L-BFGS subset {args.lbfgs_subset}. "
+              f"Simplifications: SD 1.5 shapes on the meta device (text encoder = CLIP ViT-L/14 text, set explicitly); "
+              f"random W0/LoRAs/activations; Grams made once per concept and site (setup, untimed): text encoder "
+              f"({TEXT_ROWS} rows) and text-side k/v ({KV_ROWS} rows) from fresh rows X = Z*M, UNet spatial sites "
+              f"({STEPS} steps x h*w rows) as exact-in-law Grams of X = Z*M (Bartlett Wishart, X never formed), "
+              f"{BASES} per site reused across concepts as D*G*D with a random diagonal D per concept; text-side "
+              f"k/v Grams are fused like stored Grams (the server's fused-text-encoder forward is not timed); "
+              f"(b) holds "
+              f"{args.lbfgs_steps} steps x h*w raw rows per concept at spatial layers for BOTH methods, L-BFGS in "
+              f"float32 as the reference", flush=True)
+    layers = sdxl_layers() if args.arch == "sdxl" else sd15_layers()
     with tempfile.TemporaryDirectory() as tmp:
         spec, result = Path(tmp) / "layers.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps(layers))
         subprocess.run([sys.executable, __file__, "--child", str(spec), "--result", str(result), "--concepts", str(N),
-                        "--rank", str(args.rank), "--seed", str(args.seed)], check=True)
+                        "--rank", str(args.rank), "--seed", str(args.seed), "--arch", args.arch], check=True)
         res = json.loads(result.read_text())
+    if args.arch == "sdxl":
+        report_streaming(res, layers, N)
+        print(f"bench wall time {time.perf_counter() - start:.0f} s", flush=True)
+        return
     n_te = sum(la["model"] == "text_encoder" for la in layers)
     how = "VmHWM after reset" if res["exact_peak"] else "ru_maxrss, an upper bound"
     print(f"(a) closed-form fusion of all adapted layers, {res['sites']} input sites, {res['layers']} layers "
