@@ -403,7 +403,7 @@ def child_streaming(args: argparse.Namespace) -> None:
     release_free_heap()
     base_kb, exact = proc_kb("VmRSS"), reset_peak()
     first = best = inputs_s = 0.0
-    fused = {}
+    fused, by_kind = {}, {}
     for site_layers in sites.values():
         t = time.perf_counter()
         d, n = site_layers[0]["d_in"], site_layers[0]["rows"]
@@ -437,6 +437,8 @@ def child_streaming(args: argparse.Namespace) -> None:
             runs.append(time.perf_counter() - t)
             del S, modules
         first, best = first + runs[0], best + min(runs)
+        kind = f"{site_layers[0]['kind']}@{d}"
+        by_kind[kind] = by_kind.get(kind, 0.0) + min(runs)
         fused.update(out)
         del grams
         if text_side:
@@ -446,7 +448,7 @@ def child_streaming(args: argparse.Namespace) -> None:
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = {"setup_s": setup_s, "inputs_s": inputs_s, "sites": len(sites), "layers": len(layers), "first_s": first,
            "best_s": best, "base_mb": base_kb / 1024, "peak_total_mb": peak_kb / 1024,
-           "peak_mb": (peak_kb - base_kb) / 1024, "exact_peak": exact,
+           "peak_mb": (peak_kb - base_kb) / 1024, "exact_peak": exact, "by_kind": by_kind,
            "rank_out": int(next(iter(fused.values()))[1].shape[0]),
            "out_mb": sum(u.numel() * u.element_size() + v.numel() * v.element_size()
                          for u, v in fused.values()) / 2**20}
@@ -468,6 +470,8 @@ def report_streaming(res: dict, layers: list[dict], N: int) -> None:
           f"({res['out_mb']:.0f} MiB float64) as they grow; {how}) | goal <= {GOAL_SDXL_GB:.0f} GiB: "
           f"{'met' if total_gb <= GOAL_SDXL_GB else 'MISSED'} (making the Grams: {res['inputs_s']:.0f} s, "
           f"setup {res['setup_s']:.0f} s, not timed)", flush=True)
+    kinds = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(res["by_kind"].items(), key=lambda kv: -kv[1]))
+    print(f"(a) SDXL: time by site kind (kind@input width): {kinds}", flush=True)
 
 
 PACKED = ("full32", "tri32", "tri16", "compact")
