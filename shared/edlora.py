@@ -5,6 +5,12 @@ once per layer (concept words swapped for that layer's token), and the copies ar
 along the sequence axis: text states have shape (B, n_layers * L, D). Cross-attention
 layer k reads slice k through `LayerSliceProcessor`. Prompts without concept words give
 identical slices, and identical rows are encoded only once.
+
+Where an attention module holds several transformer blocks (SDXL: 70 blocks in 11 modules), the token
+layout chooses what a "layer" is: one token per cross-attention block ("block"), or one per attention
+module, its blocks sharing it ("module"). On SD 1.x each module holds one block and the two coincide.
+SDXL's states join both encoders' penultimate hidden states per token (B, n_layers * L, D1 + D2), and its
+pooled embedding is the second encoder's projected output for the first layer's copy of the prompt.
 """
 
 from __future__ import annotations
@@ -29,6 +35,20 @@ def cross_attention_layers(unet: UNet2DConditionModel) -> list[str]:
              if isinstance(m, Attention) and m.is_cross_attention and n.endswith("attn2")]
     order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
     return sorted(names, key=lambda n: order[n.split(".")[0]])
+
+
+TOKEN_LAYOUTS = ("block", "module")
+
+
+def token_slots(unet: UNet2DConditionModel, layout: str = "block") -> list[int]:
+    """For each cross-attention block (in `cross_attention_layers` order), the index of the token it reads."""
+    if layout not in TOKEN_LAYOUTS:
+        raise InvalidArgument("token_layout", f"{layout!r} is not one of {', '.join(TOKEN_LAYOUTS)}")
+    layers = cross_attention_layers(unet)
+    if layout == "block":
+        return list(range(len(layers)))
+    modules: dict[str, int] = {}
+    return [modules.setdefault(name.split(".transformer_blocks.")[0], len(modules)) for name in layers]
 
 
 def layer_token_names(word: str, n_layers: int) -> list[str]:
@@ -133,10 +153,13 @@ class ConceptEmbedding(torch.nn.Module):
 
 
 class LayerwiseTextEncoder:
-    """Encode prompts into layer-wise text states (B, n_layers * L, D)."""
+    """Encode prompts into layer-wise text states (B, n_layers * L, D): the encoder's last hidden state (SD 1.x),
+    or with `penultimate` its next-to-last hidden layer's output (what SDXL reads)."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, token_map: TokenMap):
+    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, token_map: TokenMap,
+                 penultimate: bool = False):
         self.tokenizer, self.text_encoder, self.map = tokenizer, text_encoder, token_map
+        self.penultimate = penultimate
         n = token_map.n_layers
         lut = torch.arange(len(tokenizer)).repeat(n, 1)  # lut[k, id]: the id layer k reads instead of id
         self.first_names = {}
@@ -166,11 +189,47 @@ class LayerwiseTextEncoder:
         return torch.isin(ids, self.concept_ids)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode_with_output(prompts)[0]
+
+    def encode_with_output(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layer-wise states (B, n * L, D), the model's first output (pooled or projected) for each prompt's
+        first-layer copy (B, P))."""
         ids = self.input_ids(prompts)
         b, n, length = ids.shape
         unique, inverse = torch.unique(ids.reshape(b * n, length), dim=0, return_inverse=True)
-        states = self.text_encoder(unique.to(self.text_encoder.device))[0]
-        return states[inverse.to(states.device)].reshape(b, n * length, states.shape[-1])
+        out = self.text_encoder(unique.to(self.text_encoder.device), output_hidden_states=self.penultimate)
+        states = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        inverse = inverse.to(states.device)
+        first = (out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)[inverse.view(b, n)[:, 0]]
+        return states[inverse].reshape(b, n * length, states.shape[-1]), first
+
+
+class LayerwiseTextEncoderXL:
+    """SDXL's two encoders, layer-wise: `encode` gives the states (B, n * L, D1 + D2) the UNet reads,
+    `encode_with_pooled` also the pooled embedding (B, P) its time embedding reads."""
+
+    def __init__(self, first: LayerwiseTextEncoder, second: LayerwiseTextEncoder):
+        if first.map.n_layers != second.map.n_layers:
+            raise ValueError("the two encoders' token maps have different layer counts")
+        self.first, self.second = first, second
+        self.map, self.tokenizer = first.map, first.tokenizer
+
+    def concept_mask(self, prompts: list[str]) -> torch.Tensor:
+        return self.first.concept_mask(prompts)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode_with_pooled(prompts)[0]
+
+    def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        states_1, _ = self.first.encode_with_output(prompts)
+        states_2, pooled = self.second.encode_with_output(prompts)
+        return torch.cat([states_1, states_2.to(states_1.device)], dim=-1), pooled
+
+
+def sdxl_time_ids(height: int, width: int, batch: int) -> torch.Tensor:
+    """SDXL's micro-conditioning for an uncropped image generated at its own size: (original size, crop top-left,
+    target size) per sample, (batch, 6)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(batch, -1)
 
 
 @dataclass
@@ -221,15 +280,16 @@ class LayerSliceProcessor(AttnProcessor2_0):
         return out / attn.rescale_output_factor
 
 
-def install_layer_processors(unet: UNet2DConditionModel, length: int,
-                             make=LayerSliceProcessor) -> list[LayerSliceProcessor]:
-    """Give every cross-attention layer its slice processor, `make(index, n_layers, length)`; self-attention
-    keeps SDPA."""
+def install_layer_processors(unet: UNet2DConditionModel, length: int, make=LayerSliceProcessor,
+                             layout: str = "block") -> list[LayerSliceProcessor]:
+    """Give every cross-attention block its slice processor, `make(slot, n_slots, length)` (its token slot under
+    `layout`, see `token_slots`); self-attention keeps SDPA."""
     layers = cross_attention_layers(unet)
+    slots = token_slots(unet, layout)
     procs = dict(unet.attn_processors)
     made = []
-    for k, layer in enumerate(layers):
-        made.append(make(k, len(layers), length))
+    for layer, slot in zip(layers, slots):
+        made.append(make(slot, max(slots) + 1, length))
         procs[f"{layer}.processor"] = made[-1]
     unet.set_attn_processor(procs)
     return made

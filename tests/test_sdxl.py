@@ -79,3 +79,66 @@ def test_kohya_keys_for_sdxl_load_in_diffusers_and_give_the_same_weights(sdxl_ba
         got = models[prefix].get_submodule(name)
         got = got.base_layer.weight if hasattr(got, "base_layer") else got.weight
         assert float((got.detach() - weight).norm() / weight.norm()) <= 1e-5, (prefix, name)
+
+
+def _sdxl_concept(sdxl_base, layout: str, words=("<zz1>", "<zz2>")):
+    """The tiny SDXL base with a concept's layer-wise tokens in both tokenizers and both embedding tables."""
+    from shared.edlora import (
+        LayerwiseTextEncoder,
+        LayerwiseTextEncoderXL,
+        TokenMap,
+        add_tokens,
+        layer_token_names,
+        token_slots,
+    )
+
+    base = load_base(sdxl_base, sdxl=True)
+    n = max(token_slots(base.unet, layout)) + 1
+    tmap = TokenMap(n, {w: layer_token_names(w, n) for w in words})
+    gen = torch.Generator().manual_seed(0)
+    encoders = []
+    for tokenizer, model in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+        width = model.get_input_embeddings().weight.shape[1]
+        add_tokens(tokenizer, model, tmap, {w: torch.randn(n, width, generator=gen) for w in words})
+        encoders.append(LayerwiseTextEncoder(tokenizer, model, tmap, penultimate=True))
+    return base, LayerwiseTextEncoderXL(*encoders), n
+
+
+@pytest.mark.parametrize("layout", ["block", "module"])
+def test_sdxl_layer_slices_read_their_own_tokens(sdxl_base, layout):
+    """Both encoders encode each layer's copy of the prompt (penultimate hidden states, joined per token); a
+    block reads only its slot's slice: per block, each block its own; per attention module, the blocks of one
+    module share one. A prompt without concept words gives identical slices, and the pooled embedding is the
+    second encoder's projection."""
+    from shared.edlora import cross_attention_layers, install_layer_processors, sdxl_time_ids, token_slots
+
+    base, enc, n = _sdxl_concept(sdxl_base, layout)
+    layers, slots = cross_attention_layers(base.unet), token_slots(base.unet, layout)
+    length = base.tokenizer.model_max_length
+    width = base.text_encoder.config.hidden_size + base.text_encoder_2.config.hidden_size
+    assert width == base.unet.config.cross_attention_dim
+    assert len(layers) > n if layout == "module" else len(layers) == n
+    with torch.no_grad():
+        states, pooled = enc.encode_with_pooled(["a photo of <zz1> <zz2>", "a photo of a dog"])
+    assert states.shape == (2, n * length, width)
+    assert pooled.shape == (2, base.text_encoder_2.config.projection_dim)
+    copies = states.view(2, n, length, width)
+    assert all(torch.equal(copies[1, k], copies[1, 0]) for k in range(n))
+    assert all(not torch.equal(copies[0, k], copies[0, 0]) for k in range(1, n))
+    install_layer_processors(base.unet, length, layout=layout)
+    keys: dict[str, torch.Tensor] = {}
+    hooks = [base.unet.get_submodule(f"{name}.to_k").register_forward_hook(
+        lambda m, a, out, name=name: keys.__setitem__(name, out.detach().clone())) for name in layers]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = {"text_embeds": pooled[:1], "time_ids": sdxl_time_ids(64, 64, 1)}
+    with torch.no_grad():
+        base.unet(latents, 500, states[:1], added_cond_kwargs=cond)
+        reference = dict(keys)
+        for k in range(n):
+            bumped = states[:1].clone()
+            bumped[:, k * length:(k + 1) * length] += 0.5
+            base.unet(latents, 500, bumped, added_cond_kwargs=cond)
+            changed = [name for name in layers if not torch.equal(keys[name], reference[name])]
+            assert changed == [name for name, slot in zip(layers, slots) if slot == k]
+    for h in hooks:
+        h.remove()
