@@ -23,19 +23,21 @@ from shared.edlora import (
     ConceptEmbedding,
     LayerSliceProcessor,
     LayerwiseTextEncoder,
+    LayerwiseTextEncoderXL,
     TokenMap,
     add_tokens,
     attention_regulariser,
     check_new_words,
     class_word_embedding,
-    cross_attention_layers,
     embedding_scale,
     install_layer_processors,
     layer_token_names,
+    sdxl_time_ids,
+    token_slots,
 )
 from shared.errors import InvalidArgument, UserError
 from shared.lora import add_lora, export_lora, lora_parameters, lora_scale, target_modules
-from shared.package import ConceptMeta, save_package
+from shared.package import ConceptMeta, layerwise_encoder, save_package
 from shared.sampling import generate, image_grid
 
 
@@ -50,31 +52,43 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
 
 @dataclass
 class Concept:
-    """A base with one concept being trained on it: the trainable pieces and the layer-wise encoder."""
+    """A base with one concept being trained on it: the trainable pieces and the layer-wise encoder. On SDXL
+    the concept's tokens live in both text encoders: `embedding_2` and `embedding_scale_2` are the second's."""
 
     base: Base
     meta: ConceptMeta
     embedding: ConceptEmbedding
-    encoder: LayerwiseTextEncoder
+    encoder: LayerwiseTextEncoder | LayerwiseTextEncoderXL
     processors: list[LayerSliceProcessor]
     embedding_scale: tuple[float, float]  # the base's token embeddings: (mean norm, RMS), before the concept's
+    embedding_2: ConceptEmbedding | None = None
+    embedding_scale_2: tuple[float, float] | None = None
+
+    def embeddings(self) -> list[tuple[str, ConceptEmbedding, tuple[float, float]]]:
+        """(package key prefix, trainable rows, the encoder's embedding scale) of each text encoder."""
+        found = [("emb", self.embedding, self.embedding_scale)]
+        if self.embedding_2 is not None:
+            found.append(("emb_2", self.embedding_2, self.embedding_scale_2))
+        return found
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
-        params = {"emb": self.embedding.rows}
-        params.update({f"text_encoder.{n}": p for n, p in self.base.text_encoder.named_parameters() if "lora_" in n})
+        params = {prefix: emb.rows for prefix, emb, _ in self.embeddings()}
+        for prefix, _, encoder in self.base.text_models():
+            params.update({f"{prefix}.{n}": p for n, p in encoder.named_parameters() if "lora_" in n})
         params.update({f"unet.{n}": p for n, p in self.base.unet.named_parameters() if "lora_" in n})
         return params
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The package's tensors: emb.<word> [n_layers, hidden] and both LoRAs."""
-        self.embedding.sync()
-        rows = self.embedding.rows.detach().float().cpu()
-        out, start = {}, 0
-        for word, names in self.encoder.map.words.items():
-            block = rows[start:start + len(names)]
-            out[f"emb.{word}"] = block.expand(self.meta.n_layers, -1).contiguous()
-            start += len(names)
-        for model, prefix in ((self.base.text_encoder, "text_encoder"), (self.base.unet, "unet")):
+        """The package's tensors: emb.<word> [n_layers, hidden] (and emb_2.<word> on SDXL) and the LoRAs."""
+        out = {}
+        for prefix, emb, _ in self.embeddings():
+            emb.sync()
+            rows, start = emb.rows.detach().float().cpu(), 0
+            for word, names in self.encoder.map.words.items():
+                block = rows[start:start + len(names)]
+                out[f"{prefix}.{word}"] = block.expand(self.meta.n_layers, -1).contiguous()
+                start += len(names)
+        for prefix, _, model in [*self.base.text_models(), ("unet", None, self.base.unet)]:
             if lora_parameters(model):
                 out.update(export_lora(model, prefix))
         return out
@@ -84,44 +98,50 @@ def prepare_concept(base: Base, words: list[str], class_word: str, cfg: TrainCon
                     generator: torch.Generator) -> Concept:
     """Add the concept's tokens (random + class-word init) and LoRA adapters to `base`. Token settings left
     unset in `cfg` follow the base's embedding scale; the concept records the settings it used."""
-    scale = embedding_scale(base.text_encoder)
-    cfg = cfg.for_embeddings(*scale)
-    layers = cross_attention_layers(base.unet)
-    n = len(layers)
-    check_new_words(base.tokenizer, words, n, base.source)
-    class_row = class_word_embedding(base.tokenizer, base.text_encoder, class_word).float().cpu()
+    n = max(token_slots(base.unet, cfg.token_layout)) + 1
+    for _, tokenizer, _ in base.text_models():
+        check_new_words(tokenizer, words, n, base.source)
     per_word = n if cfg.layerwise else 1
     token_map = TokenMap(n, {w: layer_token_names(w, per_word) for w in words})
-    rows = {w: torch.randn(per_word, class_row.numel(), generator=generator) * cfg.init_std for w in words[:-1]}
-    rows[words[-1]] = class_row.expand(per_word, -1).clone()
-    first_id = len(base.tokenizer)
-    add_tokens(base.tokenizer, base.text_encoder, token_map, rows)
-    embedding = ConceptEmbedding(base.text_encoder, first_id, per_word * len(words))
-    text_modules = target_modules(base.text_encoder, cfg.text_targets)
+    embeddings, scales, text_modules = [], [], []
+    for _, tokenizer, encoder in base.text_models():  # the first encoder's draws come first: SD 1.x as before
+        scales.append(embedding_scale(encoder))
+        own = cfg.for_embeddings(*scales[-1])
+        class_row = class_word_embedding(tokenizer, encoder, class_word).float().cpu()
+        rows = {w: torch.randn(per_word, class_row.numel(), generator=generator) * own.init_std for w in words[:-1]}
+        rows[words[-1]] = class_row.expand(per_word, -1).clone()
+        first_id = len(tokenizer)
+        add_tokens(tokenizer, encoder, token_map, rows)
+        embeddings.append(ConceptEmbedding(encoder, first_id, per_word * len(words)))
+        text_modules.append(target_modules(encoder, cfg.text_targets))
+    cfg = cfg.for_embeddings(*scales[0])  # what the package records (the second encoder's follow its own scale)
     unet_modules = target_modules(base.unet, cfg.unet_targets)
     if not unet_modules:
         raise UserError(f"unet_targets {cfg.unet_targets} match no linear layer of the base's UNet")
     torch.manual_seed(cfg.seed)  # PEFT initialises lora_A with the global RNG
-    for model, modules in ((base.text_encoder, text_modules), (base.unet, unet_modules)):
+    models = [encoder for _, _, encoder in base.text_models()] + [base.unet]
+    for model, modules in zip(models, [*text_modules, unet_modules]):
         if modules:
             add_lora(model, modules, cfg.rank, cfg.alpha)
-    processors = install_layer_processors(base.unet, base.tokenizer.model_max_length)
+    processors = install_layer_processors(base.unet, base.tokenizer.model_max_length, layout=cfg.token_layout)
     meta = ConceptMeta(name=name, words=list(words), class_word=class_word, n_layers=n, layerwise=cfg.layerwise,
-                       rank=cfg.rank, alpha=cfg.alpha, unet_modules=unet_modules, text_modules=text_modules,
+                       rank=cfg.rank, alpha=cfg.alpha, unet_modules=unet_modules, text_modules=text_modules[0],
                        prompt_templates=list(cfg.templates), base_fingerprint=base.fingerprint,
-                       training=cfg.to_dict())
-    return Concept(base, meta, embedding, LayerwiseTextEncoder(base.tokenizer, base.text_encoder, token_map),
-                   processors, scale)
+                       training=cfg.to_dict(), encoders=len(embeddings), text_modules_2=text_modules[1:] and
+                       text_modules[1] or [], token_layout=cfg.token_layout)
+    second = (embeddings[1], scales[1]) if len(embeddings) == 2 else (None, None)
+    return Concept(base, meta, embeddings[0], layerwise_encoder(base, token_map), processors, scales[0], *second)
 
 
 def sample_grid(concept: Concept, cfg: TrainConfig, path: Path, prompts: list[str] | None = None) -> None:
     """A grid of the concept's prompts (rows) at LoRA scales cfg.sample_scales (columns)."""
     base = concept.base
     prompts = prompts or concept.meta.prompts()[:cfg.sample_prompts]
-    concept.embedding.sync()
+    for _, emb, _ in concept.embeddings():
+        emb.sync()
     columns = []
     for scale in cfg.sample_scales:
-        with lora_scale([base.unet, base.text_encoder], scale):
+        with lora_scale([base.unet, *(encoder for _, _, encoder in base.text_models())], scale):
             columns.append(generate(base, concept.encoder, prompts, seed=cfg.seed, steps=cfg.sample_steps,
                                     guidance=cfg.sample_guidance, height=cfg.resolution, width=cfg.resolution))
     rows = [[col[i] for col in columns] for i in range(len(prompts))]
@@ -138,15 +158,19 @@ class Trainer:
 
     def __init__(self, concept: Concept, examples: list[Example], cfg: TrainConfig, generator: torch.Generator):
         self.c, self.examples, self.gen = concept, examples, generator
-        self.cfg = cfg = cfg.for_embeddings(*concept.embedding_scale)
+        self.cfg = cfg.for_embeddings(*concept.embedding_scale)
         base = concept.base
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
         self.params = concept.trainable()
-        groups = [{"params": [concept.embedding.rows], "lr": cfg.lr_embedding}]
-        for model, lr in ((base.text_encoder, cfg.lr_text), (base.unet, cfg.lr_unet)):
+        # each text encoder's token rows: its own learning rate and norm limit (its own embedding scale when unset)
+        self.rows = [(emb.rows, cfg.for_embeddings(*scale)) for _, emb, scale in concept.embeddings()]
+        groups = [{"params": [rows], "lr": own.lr_embedding} for rows, own in self.rows]
+        text_models = [encoder for _, _, encoder in base.text_models()]
+        for model, lr in [*((m, self.cfg.lr_text) for m in text_models), (base.unet, self.cfg.lr_unet)]:
             if lora_parameters(model):
                 groups.append({"params": lora_parameters(model), "lr": lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+        cfg = self.cfg
         device = base.device
         self.autocast = (torch.autocast(device.type, dtype=torch.float16 if cfg.mixed_precision == "fp16"
                                         else torch.bfloat16) if cfg.mixed_precision != "no"
@@ -154,8 +178,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
-            base.text_encoder.gradient_checkpointing_enable()
-        for model in (base.unet, base.text_encoder):
+            for model in text_models:
+                model.gradient_checkpointing_enable()
+        for model in (base.unet, *text_models):
             model.train()
         self.start = self.count = 0  # the step training (re)started from; steps taken so far
 
@@ -193,8 +218,13 @@ class Trainer:
         for proc in self.c.processors:
             proc.capture = capture
         with self.autocast:
-            states = self.c.encoder.encode(captions)
-            pred = base.unet(noisy.to(dtype), t, states.to(dtype)).sample
+            if base.arch == "sdxl":  # the pooled embedding and the size micro-conditioning feed the time embedding
+                states, pooled = self.c.encoder.encode_with_pooled(captions)
+                added = {"text_embeds": pooled.to(dtype),
+                         "time_ids": sdxl_time_ids(cfg.resolution, cfg.resolution, len(captions)).to(device, dtype)}
+            else:
+                states, added = self.c.encoder.encode(captions), None
+            pred = base.unet(noisy.to(dtype), t, states.to(dtype), added_cond_kwargs=added).sample
         latent_masks = F.interpolate(masks, size=latents.shape[-2:], mode="area").to(device)
         loss = masked_mse(pred, target, latent_masks if cfg.masked_loss else None)
         if capture is not None:
@@ -206,23 +236,25 @@ class Trainer:
     def step(self) -> float:
         """One optimizer step; a non-finite loss or parameter is a UserError (the training diverged)."""
         self.count += 1
-        rows = self.c.embedding.rows
-        before = rows.detach().clone()
-        frozen = None
-        if self.cfg.emb_norm_threshold != "off":
-            frozen = before.norm(dim=-1) >= self.cfg.emb_norm_threshold
+        before, frozen = [], []
+        for rows, own in self.rows:
+            before.append(rows.detach().clone())
+            limit = own.emb_norm_threshold
+            frozen.append(None if limit == "off" else before[-1].norm(dim=-1) >= limit)
         loss = self.loss(*self.batch())
         if not bool(torch.isfinite(loss.detach())):
             raise self.diverged(f"the loss is {float(loss.detach())}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if frozen is not None and rows.grad is not None:
-            rows.grad[frozen] = 0
+        for (rows, _), stop in zip(self.rows, frozen):
+            if stop is not None and rows.grad is not None:
+                rows.grad[stop] = 0
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if frozen is not None and bool(frozen.any()):
-            with torch.no_grad():  # weight decay and momentum would still move frozen rows
-                rows[frozen] = before[frozen]
+        for (rows, _), stop, old in zip(self.rows, frozen, before):
+            if stop is not None and bool(stop.any()):
+                with torch.no_grad():  # weight decay and momentum would still move frozen rows
+                    rows[stop] = old[stop]
         bad = next((name for name, p in self.params.items() if not bool(torch.isfinite(p.detach()).all())), None)
         if bad is not None:
             raise self.diverged(f"{bad} became NaN or Inf")
@@ -314,7 +346,7 @@ def train_concept(base: Path | str | Base, data: Path, words: list[str], class_w
     if dtype != torch.float32 and cfg.mixed_precision == "no":
         raise InvalidArgument("dtype", "a half-precision dtype needs mixed_precision fp16 or bf16 for training")
     if not isinstance(base, Base):
-        base = load_base(base, device, dtype, base_config)
+        base = load_base(base, device, dtype, base_config, sdxl=True)
     check_resolution(base, cfg.resolution)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     concept = prepare_concept(base, words, class_word, cfg, name or out.name, gen)
@@ -325,7 +357,7 @@ def train_concept(base: Path | str | Base, data: Path, words: list[str], class_w
         shutil.rmtree(work)
     trainer = Trainer(concept, examples, cfg, gen)
     losses = trainer.run(work, identity, on_step, show_progress)
-    for model in (base.unet, base.text_encoder):
+    for model in (base.unet, *(encoder for _, _, encoder in base.text_models())):
         model.eval()
     with staged_dir(out) as stage:
         tensors = concept.tensors()

@@ -63,6 +63,13 @@ class Base:
         """"sdxl" for a base with two text encoders, else "sd"."""
         return "sdxl" if self.text_encoder_2 is not None else "sd"
 
+    def text_models(self) -> list[tuple[str, CLIPTokenizer, CLIPTextModel]]:
+        """(package prefix, tokenizer, text encoder) of each text encoder: one on SD 1.x/2.x, two on SDXL."""
+        models = [("text_encoder", self.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            models.append(("text_encoder_2", self.tokenizer_2, self.text_encoder_2))
+        return models
+
     @property
     def device(self) -> torch.device:
         return self.unet.device

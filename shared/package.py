@@ -1,7 +1,8 @@
 """The concept package: what one client's training produces and uploads.
 
     PKG/concept.json        metadata (see docs/formats.md)
-    PKG/edlora.safetensors  emb.<word> [n_layers, hidden]; text_encoder.* / unet.* LoRA tensors
+    PKG/edlora.safetensors  emb.<word> [n_layers, hidden]; text_encoder.* / unet.* LoRA tensors;
+                            on SDXL also emb_2.<word> [n_layers, hidden_2] and text_encoder_2.* LoRA tensors
 
 `apply_concept` loads a package onto a base: adds the layer-wise tokens, injects the LoRA
 adapters and installs the layer-slice attention processors.
@@ -9,6 +10,7 @@ adapters and installs the layer-slice attention processors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -21,13 +23,15 @@ from safetensors.torch import load_file
 
 from shared.base import Base
 from shared.edlora import (
+    TOKEN_LAYOUTS,
     LayerwiseTextEncoder,
+    LayerwiseTextEncoderXL,
     TokenMap,
     add_tokens,
     check_new_words,
-    cross_attention_layers,
     install_layer_processors,
     layer_token_names,
+    token_slots,
 )
 from shared.errors import UserError
 from shared.lora import add_lora, import_lora
@@ -64,6 +68,20 @@ class ConceptMeta:
     base_fingerprint: str
     training: dict
     format_version: int = FORMAT_VERSION
+    encoders: int = 1  # text encoders the concept's tokens live in: 2 on SDXL
+    text_modules_2: list[str] = dataclasses.field(default_factory=list)  # SDXL's second encoder's LoRA layers
+    token_layout: str = "block"  # what a layer-wise token stands for (shared.edlora.TOKEN_LAYOUTS)
+
+    def embedding_keys(self, word: str) -> list[str]:
+        """The package keys of `word`'s rows: one per text encoder."""
+        return [f"emb.{word}"] + [f"emb_2.{word}"] * (self.encoders == 2)
+
+    def lora_groups(self) -> list[tuple[str, list[str]]]:
+        """(model prefix, its adapted modules) for every model the package holds a LoRA of."""
+        groups = [("text_encoder", self.text_modules)]
+        if self.encoders == 2:
+            groups.append(("text_encoder_2", self.text_modules_2))
+        return groups + [("unet", self.unet_modules)]
 
     @property
     def lora_scale(self) -> float:
@@ -80,6 +98,9 @@ class ConceptMeta:
 
     def to_json(self) -> str:
         data = dict(self.__dict__, lora_scale=self.lora_scale)
+        for key in ("encoders", "text_modules_2", "token_layout"):  # SD 1.x packages read as before SDXL
+            if data[key] == _OPTIONAL[key]:
+                del data[key]
         return json.dumps(data, indent=2)
 
 
@@ -93,7 +114,9 @@ def save_package(folder: Path, meta: ConceptMeta, tensors: dict[str, torch.Tenso
 
 _FIELDS = {"name": str, "words": list, "class_word": str, "n_layers": int, "layerwise": bool, "rank": int,
            "alpha": (int, float), "unet_modules": list, "text_modules": list, "prompt_templates": list,
-           "base_fingerprint": str, "training": dict, "format_version": int}
+           "base_fingerprint": str, "training": dict, "format_version": int, "encoders": int,
+           "text_modules_2": list, "token_layout": str}
+_OPTIONAL = {"format_version": FORMAT_VERSION, "encoders": 1, "text_modules_2": [], "token_layout": "block"}
 
 
 def parse_meta(data: object, where: Path) -> ConceptMeta:
@@ -103,18 +126,18 @@ def parse_meta(data: object, where: Path) -> ConceptMeta:
     data = dict(data)
     data.pop("lora_scale", None)
     unknown = sorted(set(data) - set(_FIELDS))
-    missing = sorted(k for k in _FIELDS if k not in data and k != "format_version")
+    missing = sorted(k for k in _FIELDS if k not in data and k not in _OPTIONAL)
     if unknown or missing:
         problem = f"unknown field {unknown[0]!r}" if unknown else f"missing field {missing[0]!r}"
         raise UserError(f"{where}: {problem}; is it a concept.json written by `mixshow train`?")
     for key, kind in _FIELDS.items():
-        value = data.get(key, FORMAT_VERSION if key == "format_version" else None)
+        value = data.get(key, _OPTIONAL.get(key))
         bad_bool = kind is int and isinstance(value, bool)
         if not isinstance(value, kind) or bad_bool:
             raise UserError(f"{where}: field {key!r} is {type(value).__name__}, expected "
                             f"{getattr(kind, '__name__', 'number')}")
-    for key in ("words", "unet_modules", "text_modules", "prompt_templates"):
-        if not all(isinstance(v, str) and v for v in data[key]):
+    for key in ("words", "unet_modules", "text_modules", "text_modules_2", "prompt_templates"):
+        if not all(isinstance(v, str) and v for v in data.get(key, [])):
             raise UserError(f"{where}: field {key!r} must be a list of non-empty strings")
     if not data["words"]:
         raise UserError(f"{where}: field 'words' is empty")
@@ -127,6 +150,11 @@ def parse_meta(data: object, where: Path) -> ConceptMeta:
             raise UserError(f"{where}: field {key!r} = {data[key]} is out of range")
     if not math.isfinite(data["alpha"]) or data["alpha"] <= 0:
         raise UserError(f"{where}: field 'alpha' = {data['alpha']} must be a finite positive number")
+    if data.get("encoders", 1) not in (1, 2) or (data.get("encoders", 1) == 1 and data.get("text_modules_2")):
+        raise UserError(f"{where}: field 'encoders' must be 1 or 2 (2 only with text_modules_2 for SDXL's second "
+                        "text encoder)")
+    if data.get("token_layout", "block") not in TOKEN_LAYOUTS:
+        raise UserError(f"{where}: field 'token_layout' must be one of {', '.join(TOKEN_LAYOUTS)}")
     return ConceptMeta(**data)
 
 
@@ -152,12 +180,12 @@ def read_package(folder: Path) -> tuple[ConceptMeta, dict[str, torch.Tensor]]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{weights_path} cannot be read as safetensors ({exc}); the file is damaged") from exc
     check_tensors(tensors, str(weights_path))
-    expected = {f"emb.{w}" for w in meta.words}
-    for word in meta.words:
-        emb = tensors.get(f"emb.{word}")
+    expected = {key for w in meta.words for key in meta.embedding_keys(w)}
+    for key in expected:
+        emb = tensors.get(key)
         if emb is None or emb.ndim != 2 or emb.shape[0] != meta.n_layers:
-            raise UserError(f"{weights_path}: emb.{word} missing or not [n_layers={meta.n_layers}, hidden]")
-    for model, modules in (("text_encoder", meta.text_modules), ("unet", meta.unet_modules)):
+            raise UserError(f"{weights_path}: {key} missing or not [n_layers={meta.n_layers}, hidden]")
+    for model, modules in meta.lora_groups():
         for module in modules:
             a, b = f"{model}.{module}.lora_A.weight", f"{model}.{module}.lora_B.weight"
             A, B = tensors.get(a), tensors.get(b)
@@ -176,17 +204,23 @@ def check_against_base(meta: ConceptMeta, tensors: dict[str, torch.Tensor], base
     if meta.base_fingerprint != base.fingerprint:
         raise UserError(f"concept package {where} was trained on base {meta.base_fingerprint[:12]}, but the base "
                         f"{base.source} is {base.fingerprint[:12]}: use the base it was trained on")
-    layers = len(cross_attention_layers(base.unet))
+    if meta.encoders != len(base.text_models()):
+        raise UserError(f"concept package {where} was made for {meta.encoders} text encoder(s), the base {base.source} "
+                        f"has {len(base.text_models())}")
+    layers = max(token_slots(base.unet, meta.token_layout)) + 1
     if layers != meta.n_layers:
         raise UserError(f"concept package {where} has {meta.n_layers} layer embeddings but the base's UNet has "
-                        f"{layers} cross-attention layers")
-    hidden = base.text_encoder.get_input_embeddings().weight.shape[1]
-    for word in meta.words:
-        if tensors[f"emb.{word}"].shape[1] != hidden:
-            raise UserError(f"concept package {where}: emb.{word} is {tensors[f'emb.{word}'].shape[1]} wide, the "
-                            f"base's token embeddings are {hidden}")
-    for model_name, model, modules in (("text_encoder", base.text_encoder, meta.text_modules),
-                                       ("unet", base.unet, meta.unet_modules)):
+                        f"{layers} cross-attention layers (token layout {meta.token_layout})")
+    for (_, _, encoder), suffix in zip(base.text_models(), ("", "_2")):
+        hidden = encoder.get_input_embeddings().weight.shape[1]
+        for word in meta.words:
+            width = tensors[f"emb{suffix}.{word}"].shape[1]
+            if width != hidden:
+                raise UserError(f"concept package {where}: emb{suffix}.{word} is {width} wide, the base's token "
+                                f"embeddings are {hidden}")
+    models = {"unet": base.unet} | {prefix: encoder for prefix, _, encoder in base.text_models()}
+    for model_name, modules in meta.lora_groups():
+        model = models[model_name]
         for module in modules:
             try:
                 layer = model.get_submodule(module)
@@ -207,21 +241,31 @@ def token_map_for(meta: ConceptMeta) -> TokenMap:
     return TokenMap(meta.n_layers, {w: layer_token_names(w, n) for w in meta.words})
 
 
-def apply_concept(base: Base, folder: Path) -> tuple[ConceptMeta, LayerwiseTextEncoder]:
+def layerwise_encoder(base: Base, token_map: TokenMap) -> LayerwiseTextEncoder | LayerwiseTextEncoderXL:
+    """The base's layer-wise text encoder for `token_map` (both encoders on SDXL)."""
+    if base.text_encoder_2 is None:
+        return LayerwiseTextEncoder(base.tokenizer, base.text_encoder, token_map)
+    return LayerwiseTextEncoderXL(*(LayerwiseTextEncoder(tokenizer, encoder, token_map, penultimate=True)
+                                    for _, tokenizer, encoder in base.text_models()))
+
+
+def apply_concept(base: Base, folder: Path) -> tuple[ConceptMeta, LayerwiseTextEncoder | LayerwiseTextEncoderXL]:
     """Load a concept package onto `base` in place; return its metadata and a layer-wise text encoder."""
     meta, tensors = read_package(folder)
     check_against_base(meta, tensors, base, Path(folder))
-    check_new_words(base.tokenizer, meta.words, meta.n_layers, base.source)
+    for _, tokenizer, _ in base.text_models():
+        check_new_words(tokenizer, meta.words, meta.n_layers, base.source)
     token_map = token_map_for(meta)
-    rows = {w: tensors[f"emb.{w}"][: len(token_map.words[w])] for w in meta.words}
-    add_tokens(base.tokenizer, base.text_encoder, token_map, rows)
+    for (_, tokenizer, encoder), suffix in zip(base.text_models(), ("", "_2")):
+        rows = {w: tensors[f"emb{suffix}.{w}"][: len(token_map.words[w])] for w in meta.words}
+        add_tokens(tokenizer, encoder, token_map, rows)
+    models = {"unet": base.unet} | {prefix: encoder for prefix, _, encoder in base.text_models()}
     try:
-        for model, prefix, modules in ((base.text_encoder, "text_encoder", meta.text_modules),
-                                       (base.unet, "unet", meta.unet_modules)):
+        for prefix, modules in meta.lora_groups():
             if modules:
-                add_lora(model, modules, meta.rank, meta.alpha)
-                import_lora(model, tensors, prefix)
+                add_lora(models[prefix], modules, meta.rank, meta.alpha)
+                import_lora(models[prefix], tensors, prefix)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise UserError(f"the LoRA of package {folder} does not fit the base {base.source}: {exc}") from exc
-    install_layer_processors(base.unet, base.tokenizer.model_max_length)
-    return meta, LayerwiseTextEncoder(base.tokenizer, base.text_encoder, token_map)
+    install_layer_processors(base.unet, base.tokenizer.model_max_length, layout=meta.token_layout)
+    return meta, layerwise_encoder(base, token_map)

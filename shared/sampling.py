@@ -8,11 +8,12 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
 )
 from PIL import Image, ImageDraw
 
 from shared.base import Base
-from shared.edlora import LayerwiseTextEncoder
+from shared.edlora import LayerwiseTextEncoder, LayerwiseTextEncoderXL
 from shared.errors import InvalidArgument, UserError
 from shared.validate import number
 
@@ -82,21 +83,32 @@ def initial_latents(base: Base, batch: int, height: int, width: int, seed: int) 
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
+def encode_prompts(encoder: LayerwiseTextEncoder | LayerwiseTextEncoderXL,
+                   prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(layer-wise text states, SDXL's pooled embeddings or None) of `prompts`."""
+    if isinstance(encoder, LayerwiseTextEncoderXL):
+        return encoder.encode_with_pooled(prompts)
+    return encoder.encode(prompts), None
+
+
 @torch.no_grad()
-def generate(base: Base, encoder: LayerwiseTextEncoder, prompts: list[str], negative: str = "", seed: int = 0,
-             steps: int = 20, guidance: float = 7.5, height: int = 512, width: int = 512,
-             scheduler: str = "dpm++", output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+def generate(base: Base, encoder: LayerwiseTextEncoder | LayerwiseTextEncoderXL, prompts: list[str],
+             negative: str = "", seed: int = 0, steps: int = 20, guidance: float = 7.5, height: int = 512,
+             width: int = 512, scheduler: str = "dpm++", output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
     """One image per prompt, from seeded latents, with classifier-free guidance (or the final latents)."""
-    positive = encoder.encode(prompts)
-    negative_states = encoder.encode([negative] * len(prompts))
-    return denoise(base, positive, negative_states, seed, steps, guidance, height, width, scheduler, output_type)
+    positive, pooled = encode_prompts(encoder, prompts)
+    negative_states, negative_pooled = encode_prompts(encoder, [negative] * len(prompts))
+    return denoise(base, positive, negative_states, seed, steps, guidance, height, width, scheduler, output_type,
+                   pooled=None if pooled is None else (pooled, negative_pooled))
 
 
 @torch.no_grad()
 def denoise(base: Base, positive: torch.Tensor, negative: torch.Tensor, seed: int = 0, steps: int = 20,
             guidance: float = 7.5, height: int = 512, width: int = 512, scheduler: str = "dpm++",
-            output_type: str = "pil", show_progress: bool = False) -> list[Image.Image] | torch.Tensor:
-    """diffusers' StableDiffusionPipeline on ready text states (one image per batch row), seeded latents;
+            output_type: str = "pil", show_progress: bool = False,
+            pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Image.Image] | torch.Tensor:
+    """diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline on an SDXL base, with the (positive,
+    negative) pooled embeddings) on ready text states (one image per batch row), seeded latents;
     `show_progress` shows the pipeline's own step bar. Every setting is checked against LIMITS first."""
     for name, value in (("seed", seed), ("steps", steps), ("guidance", guidance)):
         check_setting(name, value)
@@ -104,16 +116,26 @@ def denoise(base: Base, positive: torch.Tensor, negative: torch.Tensor, seed: in
         if not bool(torch.isfinite(states).all()):
             raise UserError("the prompts' text states contain NaN or Inf: the text encoder or a concept's "
                             "embedding is damaged")
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=make_scheduler(base, scheduler), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=not show_progress, desc="denoising")
     dtype = base.unet.dtype
+    extra = {}
+    if base.arch == "sdxl":
+        if pooled is None:
+            raise ValueError("an SDXL base needs the prompts' pooled embeddings")
+        pipe = StableDiffusionXLPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+            scheduler=make_scheduler(base, scheduler))
+        extra = {"pooled_prompt_embeds": pooled[0].to(dtype), "negative_pooled_prompt_embeds": pooled[1].to(dtype)}
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            scheduler=make_scheduler(base, scheduler), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=not show_progress, desc="denoising")
     latents = initial_latents(base, positive.shape[0], height, width, seed).to(base.device, dtype)
     return pipe(prompt_embeds=positive.to(dtype), negative_prompt_embeds=negative.to(dtype), latents=latents,
                 num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                output_type=output_type).images
+                output_type=output_type, **extra).images
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
