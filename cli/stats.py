@@ -35,6 +35,6 @@ def run(base: Path = Base, base_config: Path = BaseConfig,
     read_package(concept)
     if source == "train":
         load_examples(data)
-    model = load_base(base, parse_device(device), parse_dtype(dtype), base_config)
+    model = load_base(base, parse_device(device), parse_dtype(dtype), base_config, sdxl=True)
     path = compute_stats(model, concept, source, samples, data, steps, seed, pack)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

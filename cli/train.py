@@ -65,7 +65,7 @@ def run(base: Path = Base, base_config: Path = BaseConfig,
     model = base
     pristine = None
     if stats:  # load the base once: train on it, record the statistics on an untouched copy
-        model = load_base(base, torch_device, torch_dtype, base_config)
+        model = load_base(base, torch_device, torch_dtype, base_config, sdxl=True)
         pristine = copy.deepcopy(model)
     pkg, losses = train_concept(model, data, words_list(words), class_word, out, cfg, torch_device, torch_dtype,
                                 base_config, name)

@@ -9,6 +9,7 @@ over the client's own noised training latents (`train`). Raw activations are nev
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -17,19 +18,21 @@ from rich.progress import Progress
 
 from client.dataset import Example, augment, expand_caption, load_examples
 from shared.base import Base
+from shared.edlora import sdxl_time_ids
 from shared.errors import InvalidArgument, UserError
 from shared.grams import GramRecorder, group_sites, is_text_side
 from shared.package import WEIGHTS_FILE, ConceptMeta, apply_concept
-from shared.sampling import LIMITS, MAX_SEED, generate
+from shared.sampling import LIMITS, MAX_SEED, encode_prompts, generate
 from shared.stats_file import DEFAULT_PACKING, PACKINGS, STATS_FILE, gram_key, write_stats
 from shared.storage import sha256_file
 from shared.validate import number
 
 
 def client_sites(meta: ConceptMeta) -> dict[str, dict[str, list[str]]]:
-    """{model: {site: modules}} for the sites a client records (text-side k/v are the server's)."""
-    return {"text_encoder": group_sites(meta.text_modules),
-            "unet": group_sites([m for m in meta.unet_modules if not is_text_side(m)])}
+    """{model: {site: modules}} for the sites a client records (text-side k/v are the server's); on SDXL the
+    second text encoder's too."""
+    return {prefix: group_sites([m for m in modules if prefix != "unet" or not is_text_side(m)])
+            for prefix, modules in meta.lora_groups()}
 
 
 SOURCES = ("sample", "train")
@@ -79,9 +82,12 @@ def compute_stats(base: Base, package: Path, source: str = "sample", samples: in
     samples = samples or len(prompts)
     grams, rows, aliases = {}, {}, {}
 
-    with GramRecorder(base.text_encoder, list(sites["text_encoder"])) as rec:
+    with contextlib.ExitStack() as stack:  # every text encoder's sites while the prompts are encoded once
+        recorders = {prefix: stack.enter_context(GramRecorder(model, list(sites[prefix])))
+                     for prefix, _, model in base.text_models()}
         encoder.encode(prompts)
-    _collect("text_encoder", rec, sites["text_encoder"], grams, rows, aliases)
+    for prefix, rec in recorders.items():
+        _collect(prefix, rec, sites[prefix], grams, rows, aliases)
 
     with GramRecorder(base.unet, list(sites["unet"])) as rec, Progress(disable=not show_progress) as progress:
         task = progress.add_task(f"stats ({source})", total=samples)
@@ -123,6 +129,8 @@ def _record_training_latents(base: Base, encoder, meta: ConceptMeta, examples: l
         latents = latents * base.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen).to(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(base.device)
-        states = encoder.encode([expand_caption(example.caption, meta.phrase, gen, shuffle=False)])
-        base.unet(scheduler.add_noise(latents, noise, t), t, states.to(base.dtype))
+        states, pooled = encode_prompts(encoder, [expand_caption(example.caption, meta.phrase, gen, shuffle=False)])
+        added = None if pooled is None else {"text_embeds": pooled.to(base.dtype), "time_ids": sdxl_time_ids(
+            resolution, resolution, 1).to(base.device, base.dtype)}
+        base.unet(scheduler.add_noise(latents, noise, t), t, states.to(base.dtype), added_cond_kwargs=added)
         progress.advance(task)

@@ -183,3 +183,36 @@ def test_sdxl_ed_lora_trains_saves_loads_and_samples_reproducibly(sdxl_base, toy
     for suffix, (_, tokenizer, model) in zip(("", "_2"), plain.text_models()):
         start = class_word_embedding(tokenizer, model, cls)
         assert not torch.allclose(tensors[f"emb{suffix}.{words[-1]}"][0], start)
+
+
+def test_sdxl_train_and_stats_through_the_cli(sdxl_base, toys, tmp_path, monkeypatch, capsys):
+    """`mixshow train` and `mixshow stats` on the SDXL base: the package, and Grams of the sites of both text
+    encoders and of the UNet's spatial layers (cross-attention k/v stay the server's), each symmetric, positive
+    semi-definite and as wide as its layer's input."""
+    from shared.package import read_package
+    from shared.stats_file import Stats
+    from tests.test_base_and_cli import run_cli
+
+    pkg = tmp_path / "pkg"
+    code, out, err = run_cli(["train", "--base", str(sdxl_base), "--data", str(toys / "red-circle"), "--words",
+                              "<xlred1> <xlred2>", "--class-word", "toy", "--out", str(pkg), "--steps", "3",
+                              "--resolution", "64"], monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["stats", "--base", str(sdxl_base), "--concept", str(pkg), "--samples", "1", "--steps",
+                              "2"], monkeypatch, capsys)
+    assert code == 0, err
+    meta, _ = read_package(pkg)
+    stats = Stats(pkg / "stats.safetensors")
+    base = load_base(sdxl_base, sdxl=True)
+    models = {"unet": base.unet} | {prefix: model for prefix, _, model in base.text_models()}
+    seen = set()
+    for prefix, modules in meta.lora_groups():
+        for module in modules:
+            if module.endswith(("attn2.to_k", "attn2.to_v")):
+                continue
+            d_in = models[prefix].get_submodule(module).in_features
+            gram = stats.normalised(stats.key_for(prefix, module), d_in)
+            assert gram.shape == (d_in, d_in) and torch.allclose(gram, gram.T)
+            assert float(torch.linalg.eigvalsh(gram).min()) > -1e-6 * float(gram.diagonal().max())
+            seen.add(prefix)
+    assert seen == {"text_encoder", "text_encoder_2", "unet"}
