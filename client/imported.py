@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from shared.atomic import staged_dir
@@ -92,9 +91,7 @@ def import_lora(file: Path, base: Path | Base, words: list[str], class_word: str
     except InvalidArgument as exc:
         raise InvalidArgument("trigger", exc.message) from None
     class_row = class_word_embedding(base.tokenizer, base.text_encoder, class_word).float().cpu()
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=base.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = base.pipeline()
     try:
         pipe.load_lora_weights(dict(tensors), adapter_name=ADAPTER)
     except ValueError as exc:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from shared.edlora import LayerSliceProcessor, install_layer_processors, take_layer
+from shared.edlora import LayerSliceProcessor, cross_attention_layers, install_layer_processors, take_layer
 from shared.errors import UserError
 
 
@@ -132,5 +132,13 @@ class RegionalProcessor(LayerSliceProcessor):
 
 
 def install_regional_processors(unet, length: int, layout: RegionLayout) -> list[RegionalProcessor]:
-    """Give every cross-attention layer a regional processor reading `layout`; self-attention keeps SDPA."""
+    """Give every cross-attention layer a regional processor reading `layout`; self-attention keeps SDPA. Each
+    keeps the token slot its layer-wise processor read (the model's token layout); a UNet without layer-wise
+    processors gets one slot per block."""
+    procs = unet.attn_processors
+    current = [procs[f"{name}.processor"] for name in cross_attention_layers(unet)]  # install's order
+    if current and all(isinstance(p, LayerSliceProcessor) for p in current):
+        slots = iter([(p.index, p.n_layers) for p in current])
+        return install_layer_processors(unet, length, lambda k, n, length: RegionalProcessor(*next(slots), length,
+                                                                                             layout))
     return install_layer_processors(unet, length, lambda k, n, length: RegionalProcessor(k, n, length, layout))

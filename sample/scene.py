@@ -24,7 +24,7 @@ from sample.regional import Box, RegionalProcessor, RegionLayout, install_region
 from shared.base import Base
 from shared.edlora import LayerwiseTextEncoder
 from shared.errors import InvalidArgument, UserError
-from shared.sampling import LIMITS, check_scheduler, check_setting, denoise, latent_shape
+from shared.sampling import LIMITS, check_scheduler, check_setting, denoise, encode_prompts, latent_shape
 from shared.validate import read_text
 
 
@@ -229,6 +229,12 @@ def render(base: Base, encoder: LayerwiseTextEncoder, scene: Scene, expand=lambd
     negatives = [expand(scene.negative)] + [expand(r.negative) for r in scene.regions]
     positive = torch.cat([encoder.encode([t] * batch) for t in texts], dim=1)
     negative = torch.cat([encoder.encode([t] * batch) for t in negatives], dim=1)
+    pooled = None
+    if base.arch == "sdxl":  # the time embedding reads the global prompt's pooled embedding
+        if scene.conditions:
+            raise UserError("T2I-Adapter / ControlNet conditions are not built for SDXL bases yet: leave out "
+                            "'conditions' for an SDXL model")
+        pooled = (encode_prompts(encoder, [texts[0]] * batch)[1], encode_prompts(encoder, [negatives[0]] * batch)[1])
     factor = scene.height // latent[0]
     conditions = [LoadedCondition(spec, base.unet, factor, scene.height, scene.width, base.tokenizer.model_max_length)
                   for spec in scene.conditions]
@@ -237,7 +243,7 @@ def render(base: Base, encoder: LayerwiseTextEncoder, scene: Scene, expand=lambd
     layout.set([r.box for r in scene.regions], (int(latent[0]), int(latent[1])))
     try:
         return denoise(base, positive, negative, scene.seed, scene.steps, scene.guidance, scene.height, scene.width,
-                       scene.scheduler, output_type, show_progress)
+                       scene.scheduler, output_type, show_progress, pooled)
     finally:
         layout.set([], (0, 0))
         if hook is not None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from rich.progress import Progress
 
 from server.report import IdentityReport
@@ -24,11 +23,13 @@ from shared.atomic import check_fresh_output, staged_dir
 from shared.base import Base, load_base
 from shared.edlora import (
     LayerwiseTextEncoder,
+    LayerwiseTextEncoderXL,
     TokenMap,
     add_tokens,
     check_new_words,
     cross_attention_layers,
     layer_token_names,
+    token_slots,
 )
 from shared.errors import InvalidArgument, UserError
 from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, STATE_FILE, qualified, read_concepts
@@ -86,10 +87,15 @@ def read_source(path: Path, base: Base, need_stats: bool) -> Source:
     return Source(meta, tensors, stats, path, hashes)
 
 
+def base_models(base: Base) -> dict[str, torch.nn.Module]:
+    """The base's adapted models by package prefix: the text encoder(s) and the UNet."""
+    return {prefix: encoder for prefix, _, encoder in base.text_models()} | {"unet": base.unet}
+
+
 def module_dims(base: Base) -> dict[str, int]:
     """d_in of every linear layer, by model-qualified name."""
     dims = {}
-    for model_name, model in (("text_encoder", base.text_encoder), ("unet", base.unet)):
+    for model_name, model in base_models(base).items():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
                 dims[f"{model_name}.{name}"] = module.in_features
@@ -101,11 +107,25 @@ def concept_record(src: Source, n_layers: int) -> dict:
     meta = src.meta
     per_word = n_layers if meta.layerwise else 1
     tokens = {qualified(meta.name, w): layer_token_names(qualified(meta.name, w), per_word) for w in meta.words}
-    return {"name": meta.name, "words": meta.words, "tokens": tokens, "class_word": meta.class_word,
-            "layerwise": meta.layerwise, "prompts": meta.prompts(), "prompt_templates": meta.prompt_templates,
-            "text_modules": meta.text_modules, "unet_modules": meta.unet_modules, "rank": meta.rank,
-            "lora_scale": meta.lora_scale, "package": str(src.path.resolve()), "sha256": src.sha256,
-            "base_fingerprint": meta.base_fingerprint}
+    record = {"name": meta.name, "words": meta.words, "tokens": tokens, "class_word": meta.class_word,
+              "layerwise": meta.layerwise, "prompts": meta.prompts(), "prompt_templates": meta.prompt_templates,
+              "text_modules": meta.text_modules, "unet_modules": meta.unet_modules, "rank": meta.rank,
+              "lora_scale": meta.lora_scale, "package": str(src.path.resolve()), "sha256": src.sha256,
+              "base_fingerprint": meta.base_fingerprint}
+    if meta.encoders == 2:  # SDXL; SD 1.x records stay as they were
+        record["text_modules_2"] = meta.text_modules_2
+    if meta.token_layout != "block":
+        record["token_layout"] = meta.token_layout
+    return record
+
+
+def token_layout_of(records: list[dict]) -> str:
+    """The one token layout of the fused concepts (a fused model's layer slices mean one thing)."""
+    layouts = {r.get("token_layout", "block") for r in records}
+    if len(layouts) > 1:
+        raise UserError(f"the concepts were trained with different token layouts ({', '.join(sorted(layouts))}): "
+                        "a fused model needs one; retrain the packages with the same token_layout")
+    return layouts.pop() if layouts else "block"
 
 
 def qualified_prompts(record: dict) -> list[str]:
@@ -127,11 +147,14 @@ class Fusion:
         self.kv_rows = kv_rows
         self.base, self.state, self.records = base, state, records
         self.method, self.lam, self.preserve = method, lam, preserve
-        self.n_layers = len(cross_attention_layers(base.unet))
+        self.layout = token_layout_of(records)
+        self.slots = token_slots(base.unet, self.layout)  # the token slot each cross-attention block reads
+        self.n_layers = max(self.slots) + 1
+        self.models = base_models(base)
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float32 (the report)
         self.change: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float64, as solved
         self.w0: dict[str, torch.Tensor] = {}  # qual -> the base's weight before fusion (as loaded)
-        self.kv_grams: dict[str, dict[str, torch.Tensor]] = {}  # concept -> site -> Ĝ (server-computed)
+        self._kv_rows: tuple[str, list[torch.Tensor]] = ("", [])  # one concept's k/v rows, for the report
         self.show_progress = show_progress
 
     # -- the four steps ---------------------------------------------------------------------------------
@@ -141,9 +164,10 @@ class Fusion:
         # copy, fused without rounding, makes those inputs independent of float32 rounding: an incremental
         # fusion then reproduces a fusion from scratch to float64 precision, not to float32 rounding times the
         # conditioning of the k/v solve.
-        self.text64 = copy.deepcopy(self.base.text_encoder).to(torch.float64)
+        self.text64 = {prefix: copy.deepcopy(encoder).to(torch.float64)
+                       for prefix, _, encoder in self.base.text_models()}
         with Progress(disable=not self.show_progress) as progress:
-            for model in ("text_encoder", "unet"):
+            for model in self.models:
                 sites = self.sites(model, text_side=False)
                 if model == "unet":
                     self.solve_text_side(progress)
@@ -154,14 +178,24 @@ class Fusion:
 
     def merge_tokens(self) -> None:
         tmap = TokenMap(self.n_layers)
-        rows = {}
-        for record, terms in zip(self.records, self.state.concepts):
-            for word, q in zip(record["words"], record["tokens"]):
-                tmap.words[q] = record["tokens"][q]
-                rows[q] = terms.emb[word][: len(tmap.words[q])]
-        check_new_words(self.base.tokenizer, list(tmap.words), self.n_layers, self.base.source)
-        add_tokens(self.base.tokenizer, self.base.text_encoder, tmap, rows)
+        for record in self.records:
+            tmap.words.update(record["tokens"])
+        for (_, tokenizer, encoder), kind in zip(self.base.text_models(), ("emb", "emb_2")):
+            rows = {}
+            for record, terms in zip(self.records, self.state.concepts):
+                for word, q in zip(record["words"], record["tokens"]):
+                    rows[q] = getattr(terms, kind)[word][: len(tmap.words[q])]
+            check_new_words(tokenizer, list(tmap.words), self.n_layers, self.base.source)
+            add_tokens(tokenizer, encoder, tmap, rows)
         self.token_map = tmap
+
+    def kv_encoder(self) -> LayerwiseTextEncoder | LayerwiseTextEncoderXL:
+        """The layer-wise encoder over the float64 fused text encoder(s): the inputs of cross-attention k/v."""
+        if len(self.text64) == 1:
+            return LayerwiseTextEncoder(self.base.tokenizer, self.text64["text_encoder"], self.token_map)
+        return LayerwiseTextEncoderXL(*(LayerwiseTextEncoder(tokenizer, self.text64[prefix], self.token_map,
+                                                             penultimate=True)
+                                        for prefix, tokenizer, _ in self.base.text_models()))
 
     def sites(self, model: str, text_side: bool) -> dict[str, list[str]]:
         """{site: modules} over every concept's adapted layers of `model` (client- or text-side)."""
@@ -178,7 +212,7 @@ class Fusion:
                    extra: torch.Tensor | None = None) -> None:
         """Fuse every module reading one input site (shared.fusion.fuse_site) and write it into the base."""
         model_name = site_key.partition(".")[0]
-        model = self.base.text_encoder if model_name == "text_encoder" else self.base.unet
+        model = self.models[model_name]
         terms = {}
         for module in modules:
             qual = f"{model_name}.{module}"
@@ -191,9 +225,9 @@ class Fusion:
             raise UserError(f"no concept has statistics for {site_key}; run `mixshow stats` on every package")
         solved = fuse_site(self.method, terms, S, self.lam, grams, weighted_rows, extra)
         for module, (up, down) in solved.items():
-            if model_name == "text_encoder":
+            if model_name in self.text64:
                 with torch.no_grad():
-                    exact = self.text64.get_submodule(module).weight
+                    exact = self.text64[model_name].get_submodule(module).weight
                     exact.add_(up.to(exact.device, torch.float64) @ down.to(exact.device, torch.float64))
             up32, down32 = up.float().contiguous(), down.float().contiguous()
             qual = f"{model_name}.{module}"
@@ -211,7 +245,7 @@ class Fusion:
         if not sites:
             return
         layers = cross_attention_layers(self.base.unet)
-        encoder = LayerwiseTextEncoder(self.base.tokenizer, self.text64, self.token_map)
+        encoder = self.kv_encoder()
         length = self.base.tokenizer.model_max_length
         per_layer: dict[str, list[torch.Tensor]] = {}
         for record in self.records:
@@ -220,11 +254,9 @@ class Fusion:
             if self.preserve else None
         task = progress.add_task("fuse cross-attention k/v", total=len(sites))
         for site, modules in sites.items():
-            k = layers.index(site.rsplit(".", 1)[0])
+            k = self.slots[layers.index(site.rsplit(".", 1)[0])]
             rows = {name: x[k] for name, x in per_layer.items()}
             grams = {name: x.T @ x / x.shape[0] for name, x in rows.items()}
-            self.kv_grams.update({name: {**self.kv_grams.get(name, {}), f"unet.{site}": g}
-                                  for name, g in grams.items()})
             S = sum(c.weight * grams[c.name] for c in self.state.concepts)
             extra = None
             if preserve is not None:
@@ -233,7 +265,22 @@ class Fusion:
             self.solve_site(f"unet.{site}", modules, S, grams, rows, extra)
             progress.advance(task)
 
-    def text_rows(self, encoder: LayerwiseTextEncoder, prompts: list[str], length: int,
+    @torch.no_grad()
+    def kv_gram(self, name: str, site: str) -> torch.Tensor | None:
+        """Ĝ of concept `name` at a cross-attention k/v site (`unet.<module>`), from its prompts through the fused
+        text encoder: the rows the solve used, encoded again for one concept at a time, so the server does not
+        keep every concept's k/v Grams (memory growing with the concepts) for the report."""
+        if self._kv_rows[0] != name:
+            record = next((r for r in self.records if r["name"] == name), None)
+            if record is None:
+                return None
+            self._kv_rows = (name, self.text_rows(self.kv_encoder(), qualified_prompts(record),
+                                                  self.base.tokenizer.model_max_length, concept=True))
+        k = self.slots[cross_attention_layers(self.base.unet).index(site.partition(".")[2].rsplit(".", 1)[0])]
+        x = self._kv_rows[1][k]
+        return x.T @ x / x.shape[0]
+
+    def text_rows(self, encoder: LayerwiseTextEncoder | LayerwiseTextEncoderXL, prompts: list[str], length: int,
                   concept: bool) -> list[torch.Tensor]:
         """Per cross-attention layer, the text states the layer reads (rows, float64): every position
         (kv_rows='all'), or only the concept-token and end-token positions (kv_rows='concept'; generic
@@ -258,25 +305,25 @@ class Fusion:
         the float64 change."""
         base = self.base
         errors: dict[str, float] = {}
-        for model in (base.unet, base.vae, base.text_encoder):
+        for model in (base.vae, *self.models.values()):
             model.to(dtype)
         with torch.no_grad():
             for qual, (up, down) in self.change.items():
                 model_name, _, module = qual.partition(".")
-                layer = (base.text_encoder if model_name == "text_encoder" else base.unet).get_submodule(module)
+                layer = self.models[model_name].get_submodule(module)
                 exact = up @ down
                 fused = self.w0[qual].to(torch.float64) + exact
                 layer.weight.copy_(fused.to(dtype))
                 stored = layer.weight.to(torch.float64) - self.w0[qual].to(torch.float64)
                 errors[qual] = relative_error(stored, exact)
-        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                       unet=base.unet, scheduler=base.scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = base.pipeline()
         pipe.save_pretrained(stage, safe_serialization=True)
         concepts = {"format_version": 1, "method": self.method, "lam": self.lam, "preserve": self.preserve,
                     "kv_rows": self.kv_rows,
                     "n_layers": self.n_layers, "base_fingerprint": info["base_fingerprint"],
                     "base": info["base"], "concepts": self.records}
+        if self.layout != "block":
+            concepts["token_layout"] = self.layout
         (stage / CONCEPTS_FILE).write_text(json.dumps(concepts, indent=2))
         tensors, lora_errors = {}, {}
         for qual, (up, down) in self.change.items():
@@ -286,8 +333,8 @@ class Fusion:
         for q, _names in self.token_map.words.items():
             record = next(r for r in self.records if q in r["tokens"])
             terms = next(c for c in self.state.concepts if c.name == record["name"])
-            emb = terms.emb[q.split("/", 1)[1]]
-            tensors[f"emb.{q}"] = emb.to(lora_dtype).contiguous()
+            for kind in ("emb", "emb_2")[:len(self.text64)]:
+                tensors[f"{kind}.{q}"] = getattr(terms, kind)[q.split("/", 1)[1]].to(lora_dtype).contiguous()
         save_tensors(stage / LORA_FILE, tensors, metadata={"format": "mixshow-fused-lora",
                                                            "concepts": json.dumps(concepts)})
         self.state.save(stage / STATE_FILE, {"method": self.method, "lam": self.lam, "preserve": self.preserve,
@@ -389,7 +436,9 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
     for argument, value in (("out_dtype", out_dtype), ("lora_dtype", lora_dtype)):
         if value is not None and value not in OUTPUT_DTYPES:
             raise InvalidArgument(argument, f"{value} is not one of float16, bfloat16, float32")
-    base = load_base(base_path, device, dtype, base_config)
+    base = load_base(base_path, device, dtype, base_config, sdxl=True)
+    if preserve and base.arch == "sdxl":
+        raise InvalidArgument("preserve", "the preservation prompts are not built for SDXL bases yet; use 0")
     need_stats = method == "gradient"
     dims = module_dims(base)
     state, records = FusionState(), []
@@ -413,7 +462,6 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
                 sources[record["name"]] = locate_package(record, base, need_stats)
     elif remove:
         raise InvalidArgument("remove", "needs a fused model to update (from_dir)")
-    n_layers = len(cross_attention_layers(base.unet))
     new_sources = [read_source(Path(p), base, need_stats) for p in packages]
     for src in new_sources:
         if src.meta.name in state.names() or src.meta.name in {s.meta.name for s in new_sources if s is not src}:
@@ -424,7 +472,7 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
         preserve_grams = preservation_grams(base, client_sites_of(new_sources), preserve, resolution)
     for src in new_sources:
         state.add(src.meta, src.tensors, src.stats, 1.0, dims)
-        records.append({**concept_record(src, n_layers), **(origins or {}).get(src.meta.name, {})})
+        records.append({**concept_record(src, src.meta.n_layers), **(origins or {}).get(src.meta.name, {})})
         sources[src.meta.name] = src
     if preserve_grams:
         for site, gram in preserve_grams.items():
@@ -454,7 +502,7 @@ def identity_report(fusion: Fusion, sources: dict[str, Source]) -> IdentityRepor
         model, _, module = qual.partition(".")
         site = f"{model}.{site_of(module)}"
         if is_text_side(module):
-            return fusion.kv_grams.get(name, {}).get(site)
+            return fusion.kv_gram(name, site)
         src = sources.get(name)
         if src is None or src.stats is None:
             return None
@@ -462,7 +510,7 @@ def identity_report(fusion: Fusion, sources: dict[str, Source]) -> IdentityRepor
             cache.clear()
             current[0] = name
         if site not in cache:
-            layer = (fusion.base.unet if model == "unet" else fusion.base.text_encoder).get_submodule(module)
+            layer = fusion.models[model].get_submodule(module)
             cache[site] = src.stats.normalised(src.stats.key_for(model, module), layer.in_features)
         return cache[site]
 

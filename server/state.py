@@ -24,6 +24,8 @@ from shared.stats_file import Stats
 from shared.tensor_files import save_tensors
 from shared.validate import check_tensors, parse_json
 
+TERM_KINDS = ("up", "down", "agram", "emb", "emb_2")
+
 
 @dataclass
 class ConceptTerms:
@@ -35,6 +37,7 @@ class ConceptTerms:
     down: dict[str, torch.Tensor] = field(default_factory=dict)  # -> A_i
     agram: dict[str, torch.Tensor] = field(default_factory=dict)  # -> A_i Ĝ_i (client-side modules only)
     emb: dict[str, torch.Tensor] = field(default_factory=dict)  # word -> [n_layers, D]
+    emb_2: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL's second encoder: word -> [n_layers, D2]
 
 
 @dataclass
@@ -51,7 +54,7 @@ class FusionState:
             dims: dict[str, int]) -> ConceptTerms:
         """Add a concept's terms; `dims` gives d_in per model-qualified module."""
         terms = ConceptTerms(meta.name, weight)
-        for model, modules in (("text_encoder", meta.text_modules), ("unet", meta.unet_modules)):
+        for model, modules in meta.lora_groups():
             for module in modules:
                 qual = f"{model}.{module}"
                 A = tensors[f"{qual}.lora_A.weight"].to(torch.float64)
@@ -59,6 +62,8 @@ class FusionState:
                 terms.up[qual], terms.down[qual] = meta.lora_scale * B, A
         for word in meta.words:
             terms.emb[word] = tensors[f"emb.{word}"]
+            if meta.encoders == 2:
+                terms.emb_2[word] = tensors[f"emb_2.{word}"]
         if stats is not None:
             for site, gram in self._client_grams(meta, stats, dims).items():
                 self.S[site] = self.S[site] + weight * gram if site in self.S else weight * gram
@@ -79,7 +84,7 @@ class FusionState:
     @staticmethod
     def _client_grams(meta: ConceptMeta, stats: Stats, dims: dict[str, int]) -> dict[str, torch.Tensor]:
         grams = {}
-        for model, modules in (("text_encoder", meta.text_modules), ("unet", meta.unet_modules)):
+        for model, modules in meta.lora_groups():
             for module in modules:
                 qual = f"{model}.{module}"
                 if is_text_side(module) or _site(qual) in grams:
@@ -91,7 +96,7 @@ class FusionState:
     def save(self, path: Path, info: dict) -> None:
         tensors = {f"S.{site}": s.to(torch.float64).contiguous() for site, s in self.S.items()}
         for c in self.concepts:
-            for kind in ("up", "down", "agram", "emb"):
+            for kind in TERM_KINDS:
                 for key, t in getattr(c, kind).items():
                     tensors[f"{kind}.{c.name}.{key}"] = t.contiguous()
         meta = {"format": "mixshow-fusion-state",
@@ -129,7 +134,7 @@ class FusionState:
                 raise UserError(f"fusion state {path}: S.{site} is not a square matrix")
         for entry in entries:
             terms = ConceptTerms(entry["name"], float(entry["weight"]))
-            for kind in ("up", "down", "agram", "emb"):
+            for kind in TERM_KINDS:
                 prefix = f"{kind}.{terms.name}."
                 getattr(terms, kind).update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             if set(terms.up) != set(terms.down) or not terms.emb:

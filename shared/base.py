@@ -63,6 +63,20 @@ class Base:
         """"sdxl" for a base with two text encoders, else "sd"."""
         return "sdxl" if self.text_encoder_2 is not None else "sd"
 
+    def pipeline(self, scheduler: SchedulerMixin | None = None):
+        """A diffusers pipeline over these components (StableDiffusionXLPipeline on SDXL, without safety checker
+        on SD 1.x/2.x), with `scheduler` or the base's own."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        scheduler = scheduler or self.scheduler
+        if self.text_encoder_2 is not None:
+            return StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder,
+                                             text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
+                                             tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=scheduler)
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=self.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
     def text_models(self) -> list[tuple[str, CLIPTokenizer, CLIPTextModel]]:
         """(package prefix, tokenizer, text encoder) of each text encoder: one on SD 1.x/2.x, two on SDXL."""
         models = [("text_encoder", self.tokenizer, self.text_encoder)]

@@ -214,6 +214,10 @@ class LayerwiseTextEncoderXL:
         self.first, self.second = first, second
         self.map, self.tokenizer = first.map, first.tokenizer
 
+    def input_ids(self, prompts: list[str]) -> torch.Tensor:
+        """The first tokenizer's ids (B, n_layers, L): positions are the same in both (one BPE vocabulary)."""
+        return self.first.input_ids(prompts)
+
     def concept_mask(self, prompts: list[str]) -> torch.Tensor:
         return self.first.concept_mask(prompts)
 

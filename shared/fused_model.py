@@ -15,8 +15,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from shared.base import Base, load_base
-from shared.edlora import LayerwiseTextEncoder, TokenMap, add_tokens, install_layer_processors
+from shared.edlora import (
+    TOKEN_LAYOUTS,
+    LayerwiseTextEncoder,
+    LayerwiseTextEncoderXL,
+    TokenMap,
+    add_tokens,
+    install_layer_processors,
+)
 from shared.errors import UserError
+from shared.package import layerwise_encoder
 from shared.validate import check_tensors, parse_json, read_json
 
 CONCEPTS_FILE, LORA_FILE = "concepts.json", "fused_lora.safetensors"
@@ -81,17 +89,28 @@ def read_concepts(folder: Path) -> dict:
     return parse_concepts(read_json(path, "fused model file"), str(path))
 
 
+def token_layout(info: dict, where: str) -> str:
+    layout = info.get("token_layout", "block")
+    if layout not in TOKEN_LAYOUTS:
+        raise UserError(f"{where}: token_layout {layout!r} is not one of {', '.join(TOKEN_LAYOUTS)}")
+    return layout
+
+
 def load_fused(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-               ) -> tuple[Base, LayerwiseTextEncoder, list[dict]]:
-    """A fused diffusers folder with layer-wise processors installed; returns (base, encoder, concepts)."""
+               ) -> tuple[Base, LayerwiseTextEncoder | LayerwiseTextEncoderXL, list[dict]]:
+    """A fused diffusers folder (SD 1.x or SDXL) with layer-wise processors installed; returns (base, encoder,
+    concepts)."""
     info = read_concepts(folder)
-    base = load_base(folder, device, dtype)
+    base = load_base(folder, device, dtype, sdxl=True)
     tmap = token_map_of(info["concepts"], info["n_layers"])
-    missing = [n for names in tmap.words.values() for n in names if n not in base.tokenizer.get_vocab()]
-    if missing:
-        raise UserError(f"{folder}: the tokenizer lacks the concept token {missing[0]!r} that {CONCEPTS_FILE} names")
-    install_layer_processors(base.unet, base.tokenizer.model_max_length)
-    return base, LayerwiseTextEncoder(base.tokenizer, base.text_encoder, tmap), info["concepts"]
+    for _, tokenizer, _ in base.text_models():
+        missing = [n for names in tmap.words.values() for n in names if n not in tokenizer.get_vocab()]
+        if missing:
+            raise UserError(f"{folder}: a tokenizer lacks the concept token {missing[0]!r} that {CONCEPTS_FILE} "
+                            "names")
+    install_layer_processors(base.unet, base.tokenizer.model_max_length,
+                             layout=token_layout(info, str(Path(folder) / CONCEPTS_FILE)))
+    return base, layerwise_encoder(base, tmap), info["concepts"]
 
 
 def read_fused_lora(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -109,17 +128,19 @@ def read_fused_lora(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     info = parse_concepts(parse_json(meta.get("concepts", ""), f"the metadata of {path}"), f"the metadata of {path}")
     check_tensors(tensors, str(path), (torch.float32, torch.float16, torch.bfloat16))
     for key in tensors:
-        if key.startswith("emb."):
+        if key.startswith(("emb.", "emb_2.")):
             continue
         pair = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(".lora_B.", ".lora_A.")
         if not key.endswith((".lora_A.weight", ".lora_B.weight")) or pair not in tensors or \
-                not key.startswith(("unet.", "text_encoder.")):
-            raise UserError(f"{path}: tensor {key!r} is not half of a LoRA pair of the text encoder or UNet")
+                not key.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
+            raise UserError(f"{path}: tensor {key!r} is not half of a LoRA pair of a text encoder or the UNet")
+    kinds = ("emb", "emb_2") if any(k.startswith("emb_2.") for k in tensors) else ("emb",)
     for c in info["concepts"]:
         for q in c["tokens"]:
-            emb = tensors.get(f"emb.{q}")
-            if emb is None or emb.ndim != 2 or emb.shape[0] < len(c["tokens"][q]):
-                raise UserError(f"{path}: the embedding of {q!r} is missing or has too few rows")
+            for kind in kinds:
+                emb = tensors.get(f"{kind}.{q}")
+                if emb is None or emb.ndim != 2 or emb.shape[0] < len(c["tokens"][q]):
+                    raise UserError(f"{path}: the embedding {kind} of {q!r} is missing or has too few rows")
     return info, tensors
 
 
@@ -131,22 +152,23 @@ def apply_fused_lora(base: Base, path: Path) -> tuple[LayerwiseTextEncoder, list
         raise UserError(f"{path} was fused on base {info['base_fingerprint'][:12]}, but {base.source} is "
                         f"{base.fingerprint[:12]}")
     tmap = token_map_of(info["concepts"], info["n_layers"])
-    rows = {w: tensors[f"emb.{w}"][: len(names)] for w, names in tmap.words.items()}
-    add_tokens(base.tokenizer, base.text_encoder, tmap, rows)
-    merge_lora_tensors(base, {k: v for k, v in tensors.items() if not k.startswith("emb.")}, str(path))
-    install_layer_processors(base.unet, base.tokenizer.model_max_length)
-    return LayerwiseTextEncoder(base.tokenizer, base.text_encoder, tmap), info["concepts"]
+    kinds = ("emb", "emb_2")[:len(base.text_models())]
+    if any(k.startswith("emb_2.") for k in tensors) != (len(kinds) == 2):
+        raise UserError(f"{path} was fused for {'two text encoders' if len(kinds) == 1 else 'one text encoder'}, "
+                        f"the base {base.source} has {len(kinds)}")
+    for (_, tokenizer, encoder), kind in zip(base.text_models(), kinds):
+        rows = {w: tensors[f"{kind}.{w}"][: len(names)] for w, names in tmap.words.items()}
+        add_tokens(tokenizer, encoder, tmap, rows)
+    merge_lora_tensors(base, {k: v for k, v in tensors.items() if not k.startswith(("emb.", "emb_2."))}, str(path))
+    install_layer_processors(base.unet, base.tokenizer.model_max_length, layout=token_layout(info, str(path)))
+    return layerwise_encoder(base, tmap), info["concepts"]
 
 
 @torch.no_grad()
 def merge_lora_tensors(base: Base, tensors: dict[str, torch.Tensor], where: str) -> None:
     """W = W0 + lora_B @ lora_A for every `<model>.<module>.lora_A.weight` in `tensors`, through diffusers'
     LoRA loader (its PEFT-format keys are ours): the adapter is loaded, fused into the weights and unloaded."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=base.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = base.pipeline()
     lora = {k: v.to(base.dtype) for k, v in tensors.items()}
     try:
         pipe.load_lora_weights(lora, adapter_name="mixshow-fused")

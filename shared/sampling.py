@@ -7,8 +7,6 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
 )
 from PIL import Image, ImageDraw
 
@@ -121,16 +119,8 @@ def denoise(base: Base, positive: torch.Tensor, negative: torch.Tensor, seed: in
     if base.arch == "sdxl":
         if pooled is None:
             raise ValueError("an SDXL base needs the prompts' pooled embeddings")
-        pipe = StableDiffusionXLPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
-            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
-            scheduler=make_scheduler(base, scheduler))
         extra = {"pooled_prompt_embeds": pooled[0].to(dtype), "negative_pooled_prompt_embeds": pooled[1].to(dtype)}
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-            scheduler=make_scheduler(base, scheduler), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+    pipe = base.pipeline(make_scheduler(base, scheduler))
     pipe.set_progress_bar_config(disable=not show_progress, desc="denoising")
     latents = initial_latents(base, positive.shape[0], height, width, seed).to(base.device, dtype)
     return pipe(prompt_embeds=positive.to(dtype), negative_prompt_embeds=negative.to(dtype), latents=latents,

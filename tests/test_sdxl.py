@@ -216,3 +216,80 @@ def test_sdxl_train_and_stats_through_the_cli(sdxl_base, toys, tmp_path, monkeyp
             assert float(torch.linalg.eigvalsh(gram).min()) > -1e-6 * float(gram.diagonal().max())
             seen.add(prefix)
     assert seen == {"text_encoder", "text_encoder_2", "unet"}
+
+
+@pytest.fixture(scope="module")
+def sdxl_packages(sdxl_base, toys, tmp_path_factory) -> list:
+    """Two concepts on the tiny SDXL base (short trainings, independent seeds) with their statistics."""
+    from client.stats import compute_stats
+    from client.train import train_concept
+    from tests.conftest import TOY_WORDS, tiny_config
+
+    root = tmp_path_factory.mktemp("sdxl-packages")
+    paths = []
+    for seed, name in enumerate(("red-circle", "blue-square")):
+        words, cls = TOY_WORDS[name]
+        pkg, _ = train_concept(sdxl_base, toys / name, words, cls, root / name, tiny_config(steps=20, seed=seed),
+                               show_progress=False)
+        compute_stats(load_base(sdxl_base, sdxl=True), pkg, samples=1, steps=3, seed=seed, show_progress=False)
+        paths.append(pkg)
+    return paths
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
+
+
+def test_sdxl_fusion_folder_lora_closed_form_and_withdraw(sdxl_base, sdxl_packages, tmp_path):
+    """Gradient fusion of two SDXL packages: the fused folder loads with plain StableDiffusionXLPipeline and
+    samples through `load_fused`; fused_lora.safetensors on the base (diffusers' SDXL LoRA loader) gives the
+    folder's weights in both text encoders and the UNet; a UNet spatial layer is the closed form
+    (Σ W_i Ĝ_i + λ W0)(Σ Ĝ_i + λI)⁻¹ of the packages' own Grams; withdrawing one concept equals never adding it."""
+    from server.fuse import fuse
+    from shared.fused_model import apply_fused_lora, load_fused
+    from shared.fusion import absolute_lam, fused_weight
+    from shared.package import read_package
+    from shared.sampling import generate
+    from shared.stats_file import Stats
+
+    both, one, withdrawn = tmp_path / "both", tmp_path / "one", tmp_path / "withdrawn"
+    fuse(sdxl_base, sdxl_packages, both, show_progress=False, lora_dtype=torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(both, local_files_only=True)
+    base = load_base(sdxl_base, sdxl=True)
+    apply_fused_lora(base, both / "fused_lora.safetensors")
+    for name, model in (("unet", base.unet), ("text_encoder", base.text_encoder),
+                        ("text_encoder_2", base.text_encoder_2)):
+        folder = _weights(getattr(pipe, name))
+        for key, value in _weights(model).items():
+            if key in folder and key.endswith("weight") and folder[key].shape == value.shape:
+                assert float((value - folder[key]).norm() / folder[key].norm().clamp(min=1e-12)) <= 1e-5, key
+    # closed form at one UNet self-attention projection
+    plain = load_base(sdxl_base, sdxl=True)
+    module = next(m for m in read_package(sdxl_packages[0])[0].unet_modules if m.endswith("attn1.to_q"))
+    W0 = plain.unet.get_submodule(module).weight.detach()
+    deltas, grams = [], []
+    for pkg in sdxl_packages:
+        meta, tensors = read_package(pkg)
+        key = f"unet.{module}"
+        up, down = tensors[f"{key}.lora_B.weight"].double(), tensors[f"{key}.lora_A.weight"].double()
+        deltas.append(meta.lora_scale * up @ down)
+        stats = Stats(pkg / "stats.safetensors")
+        grams.append(stats.normalised(stats.key_for("unet", module), W0.shape[1]))
+    S = sum(grams)
+    expected = fused_weight(W0, deltas, grams, absolute_lam(S, 1e-4))
+    got = pipe.unet.get_submodule(module).weight.detach().double()
+    assert float((got - expected).norm() / (expected - W0.double()).norm()) <= 1e-4
+    # withdraw == never added
+    fuse(None, [], withdrawn, from_dir=both, remove=["blue-square"], show_progress=False, lora_dtype=torch.float32)
+    fuse(sdxl_base, sdxl_packages[:1], one, show_progress=False, lora_dtype=torch.float32)
+    a = StableDiffusionXLPipeline.from_pretrained(withdrawn, local_files_only=True)
+    b = StableDiffusionXLPipeline.from_pretrained(one, local_files_only=True)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        wa, wb = _weights(getattr(a, name)), _weights(getattr(b, name))
+        for key in wb:
+            if key in wa and wa[key].shape == wb[key].shape:
+                assert float((wa[key] - wb[key]).norm()) <= 1e-6 * max(1.0, float(wb[key].norm())), (name, key)
+    fused_base, encoder, concepts = load_fused(both)
+    images = [generate(fused_base, encoder, [f"a photo of a {' '.join(concepts[0]['tokens'])}"], seed=0, steps=3,
+                       height=64, width=64, output_type="np") for _ in range(2)]
+    assert torch.equal(torch.as_tensor(images[0]), torch.as_tensor(images[1]))
