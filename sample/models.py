@@ -44,10 +44,10 @@ def load_scene_model(scene, device: torch.device, dtype: torch.dtype, base_confi
     """The model `scene`'s model fields name; several packages are fused first by `fuser`. `lora_weight`
     scales the LoRA of one package applied to a base (anything but 1 is refused for other models)."""
     from shared.base import load_base
-    from shared.edlora import LayerwiseTextEncoder, TokenMap, cross_attention_layers, install_layer_processors
+    from shared.edlora import TokenMap, cross_attention_layers, install_layer_processors
     from shared.fused_model import apply_fused_lora, load_fused
     from shared.lora import lora_scale
-    from shared.package import apply_concept
+    from shared.package import apply_concept, layerwise_encoder
 
     lora_weight = float(number("lora_weight", lora_weight, 0.0, MAX_LORA_SCALE))
     single = scene.model is None and scene.base is not None and scene.fused_lora is None and len(scene.concepts) == 1
@@ -65,16 +65,17 @@ def load_scene_model(scene, device: torch.device, dtype: torch.dtype, base_confi
         raise InvalidArgument("fused_lora", "give a fused LoRA or concept packages with the base, not both")
     if len(scene.concepts) > 1:
         return fuse_in_memory(scene, device, dtype, fuser)
-    base = load_base(scene.base, device, dtype, base_config)
+    base = load_base(scene.base, device, dtype, base_config, sdxl=True)
     if scene.fused_lora is not None:
         return fused(base, *apply_fused_lora(base, scene.fused_lora))
     if scene.concepts:
         meta, encoder = apply_concept(base, scene.concepts[0])
         return SceneModel(base, encoder, [{"name": meta.name, "class_word": meta.class_word}],
-                          single_concept_expander(meta), lora_scale([base.unet, base.text_encoder], lora_weight))
+                          single_concept_expander(meta),
+                          lora_scale([base.unet, *(encoder for _, _, encoder in base.text_models())], lora_weight))
     n_layers = len(cross_attention_layers(base.unet))
     install_layer_processors(base.unet, base.tokenizer.model_max_length)
-    return fused(base, LayerwiseTextEncoder(base.tokenizer, base.text_encoder, TokenMap(n_layers)), [])
+    return fused(base, layerwise_encoder(base, TokenMap(n_layers)), [])
 
 
 def single_concept_expander(meta):

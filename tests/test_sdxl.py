@@ -236,11 +236,21 @@ def sdxl_packages(sdxl_base, toys, tmp_path_factory) -> list:
     return paths
 
 
+@pytest.fixture(scope="module")
+def sdxl_fused(sdxl_base, sdxl_packages, tmp_path_factory):
+    """The two SDXL packages fused by gradient fusion (fused LoRA in float32)."""
+    from server.fuse import fuse
+
+    folder = tmp_path_factory.mktemp("sdxl-fused") / "both"
+    fuse(sdxl_base, sdxl_packages, folder, show_progress=False, lora_dtype=torch.float32)
+    return folder
+
+
 def _weights(model) -> dict:
     return {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
 
 
-def test_sdxl_fusion_folder_lora_closed_form_and_withdraw(sdxl_base, sdxl_packages, tmp_path):
+def test_sdxl_fusion_folder_lora_closed_form_and_withdraw(sdxl_base, sdxl_packages, sdxl_fused, tmp_path):
     """Gradient fusion of two SDXL packages: the fused folder loads with plain StableDiffusionXLPipeline and
     samples through `load_fused`; fused_lora.safetensors on the base (diffusers' SDXL LoRA loader) gives the
     folder's weights in both text encoders and the UNet; a UNet spatial layer is the closed form
@@ -252,8 +262,7 @@ def test_sdxl_fusion_folder_lora_closed_form_and_withdraw(sdxl_base, sdxl_packag
     from shared.sampling import generate
     from shared.stats_file import Stats
 
-    both, one, withdrawn = tmp_path / "both", tmp_path / "one", tmp_path / "withdrawn"
-    fuse(sdxl_base, sdxl_packages, both, show_progress=False, lora_dtype=torch.float32)
+    both, one, withdrawn = sdxl_fused, tmp_path / "one", tmp_path / "withdrawn"
     pipe = StableDiffusionXLPipeline.from_pretrained(both, local_files_only=True)
     base = load_base(sdxl_base, sdxl=True)
     apply_fused_lora(base, both / "fused_lora.safetensors")
@@ -293,3 +302,51 @@ def test_sdxl_fusion_folder_lora_closed_form_and_withdraw(sdxl_base, sdxl_packag
     images = [generate(fused_base, encoder, [f"a photo of a {' '.join(concepts[0]['tokens'])}"], seed=0, steps=3,
                        height=64, width=64, output_type="np") for _ in range(2)]
     assert torch.equal(torch.as_tensor(images[0]), torch.as_tensor(images[1]))
+
+
+def test_sdxl_region_prompt_changes_only_its_box_and_the_cli_samples_a_scene(sdxl_fused, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Regional sampling on the fused SDXL model: at every cross-attention block, region A's prompt moves the
+    output inside A's box only (the global prompt's pooled embedding feeds the time embedding); `mixshow sample`
+    renders the same scene from a YAML file."""
+    import yaml
+
+    from sample.regional import Box, feature_grid
+    from sample.scene import Region, Scene, regional_processors
+    from shared.edlora import cross_attention_layers
+    from shared.fused_model import expand_prompt, load_fused
+    from shared.sampling import initial_latents
+    from tests.test_base_and_cli import run_cli
+    from tests.test_regional import _inputs_of_every_cross_attention, _states
+
+    base, encoder, concepts = load_fused(sdxl_fused)
+    expand = lambda t: expand_prompt(t, concepts)  # noqa: E731
+    boxes = [Box(0.0, 0.0, 0.5, 0.5), Box(0.25, 0.5, 1.0, 1.0)]
+    scene = Scene(prompt="a photo of a garden", negative="blurry", steps=3, height=64, width=64, seed=7,
+                  regions=[Region("a <red-circle>", boxes[0]), Region("a <blue-square>", boxes[1])])
+    inputs = _inputs_of_every_cross_attention(base, encoder, scene, expand)
+    assert set(inputs) == set(cross_attention_layers(base.unet))
+    layout = regional_processors(base)
+    latent = initial_latents(base, 1, 64, 64, 0).shape[-2:]
+    layout.set(boxes, tuple(latent))
+    one = _states(encoder, expand, ["a photo of a garden", "a <red-circle>", "a <blue-square>"])
+    two = _states(encoder, expand, ["a photo of a garden", "a <blue-square> on the grass", "a <blue-square>"])
+    try:
+        for name, hidden in inputs.items():
+            attn = base.unet.get_submodule(name)
+            h, w = feature_grid(tuple(latent), hidden.shape[1])
+            inside = boxes[0].mask(h, w).flatten()
+            with torch.no_grad():
+                a = attn(hidden[:1], encoder_hidden_states=one)
+                b = attn(hidden[:1], encoder_hidden_states=two)
+            assert torch.equal(a[:, ~inside], b[:, ~inside]), name
+            assert (a[:, inside] - b[:, inside]).abs().amax() > 1e-6, name
+    finally:
+        layout.set([], (0, 0))
+    spec = {"model": str(sdxl_fused), "prompt": "a photo of a garden", "steps": 3, "height": 64, "width": 64,
+            "regions": [{"prompt": "a <red-circle>", "box": [0.0, 0.0, 0.5, 0.5]}]}
+    (tmp_path / "scene.yaml").write_text(yaml.safe_dump(spec))
+    code, out, err = run_cli(["sample", "--config", str(tmp_path / "scene.yaml"), "--out", str(tmp_path / "x.png")],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    assert (tmp_path / "x.png").stat().st_size > 0
