@@ -88,12 +88,20 @@ def test_region_prompt_changes_only_its_box(fused):
     expand = lambda t: expand_prompt(t, concepts)  # noqa: E731
     boxes = [Box(0.0, 0.0, 0.5, 0.5), Box(0.25, 0.5, 1.0, 1.0)]
     scene = _scene(regions=[Region("a <red-circle>", boxes[0]), Region("a <blue-square>", boxes[1])])
+    assert_region_changes_only_its_box(base, encoder, expand, scene, boxes, "a <green-triangle> on the grass")
+
+
+def assert_region_changes_only_its_box(base, encoder, expand, scene: Scene, boxes: list[Box], other: str) -> None:
+    """At every cross-attention layer, the first region's prompt replaced by `other` moves the output inside the
+    first box only."""
     inputs = _inputs_of_every_cross_attention(base, encoder, scene, expand)
+    assert set(inputs) == set(cross_attention_layers(base.unet))
     layout = regional_processors(base)
-    latent = initial_latents(base, 1, SIZE, SIZE, 0).shape[-2:]
+    latent = initial_latents(base, 1, scene.height, scene.width, 0).shape[-2:]
     layout.set(boxes, tuple(latent))
-    one = _states(encoder, expand, ["a photo of a garden", "a <red-circle>", "a <blue-square>"])
-    two = _states(encoder, expand, ["a photo of a garden", "a <green-triangle> on the grass", "a <blue-square>"])
+    prompts = [scene.prompt] + [r.prompt for r in scene.regions]
+    one = _states(encoder, expand, prompts)
+    two = _states(encoder, expand, [prompts[0], other, *prompts[2:]])
     try:
         for name, hidden in inputs.items():
             attn = base.unet.get_submodule(name)

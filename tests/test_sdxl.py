@@ -311,38 +311,18 @@ def test_sdxl_region_prompt_changes_only_its_box_and_the_cli_samples_a_scene(sdx
     renders the same scene from a YAML file."""
     import yaml
 
-    from sample.regional import Box, feature_grid
-    from sample.scene import Region, Scene, regional_processors
-    from shared.edlora import cross_attention_layers
+    from sample.regional import Box
+    from sample.scene import Region, Scene
     from shared.fused_model import expand_prompt, load_fused
-    from shared.sampling import initial_latents
     from tests.test_base_and_cli import run_cli
-    from tests.test_regional import _inputs_of_every_cross_attention, _states
+    from tests.test_regional import assert_region_changes_only_its_box
 
     base, encoder, concepts = load_fused(sdxl_fused)
     expand = lambda t: expand_prompt(t, concepts)  # noqa: E731
     boxes = [Box(0.0, 0.0, 0.5, 0.5), Box(0.25, 0.5, 1.0, 1.0)]
     scene = Scene(prompt="a photo of a garden", negative="blurry", steps=3, height=64, width=64, seed=7,
                   regions=[Region("a <red-circle>", boxes[0]), Region("a <blue-square>", boxes[1])])
-    inputs = _inputs_of_every_cross_attention(base, encoder, scene, expand)
-    assert set(inputs) == set(cross_attention_layers(base.unet))
-    layout = regional_processors(base)
-    latent = initial_latents(base, 1, 64, 64, 0).shape[-2:]
-    layout.set(boxes, tuple(latent))
-    one = _states(encoder, expand, ["a photo of a garden", "a <red-circle>", "a <blue-square>"])
-    two = _states(encoder, expand, ["a photo of a garden", "a <blue-square> on the grass", "a <blue-square>"])
-    try:
-        for name, hidden in inputs.items():
-            attn = base.unet.get_submodule(name)
-            h, w = feature_grid(tuple(latent), hidden.shape[1])
-            inside = boxes[0].mask(h, w).flatten()
-            with torch.no_grad():
-                a = attn(hidden[:1], encoder_hidden_states=one)
-                b = attn(hidden[:1], encoder_hidden_states=two)
-            assert torch.equal(a[:, ~inside], b[:, ~inside]), name
-            assert (a[:, inside] - b[:, inside]).abs().amax() > 1e-6, name
-    finally:
-        layout.set([], (0, 0))
+    assert_region_changes_only_its_box(base, encoder, expand, scene, boxes, "a <blue-square> on the grass")
     spec = {"model": str(sdxl_fused), "prompt": "a photo of a garden", "steps": 3, "height": 64, "width": 64,
             "regions": [{"prompt": "a <red-circle>", "box": [0.0, 0.0, 0.5, 0.5]}]}
     (tmp_path / "scene.yaml").write_text(yaml.safe_dump(spec))
