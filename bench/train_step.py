@@ -36,7 +36,7 @@ from client.train import Trainer, prepare_concept  # noqa: E402
 from fixtures.tiny_base import make_tiny_base  # noqa: E402
 from fixtures.toy_concepts import make_toy_concepts  # noqa: E402
 from shared.base import load_base  # noqa: E402
-from shared.edlora import TOKEN_LAYOUTS, sdxl_time_ids  # noqa: E402
+from shared.edlora import TOKEN_LAYOUTS, added_conditions  # noqa: E402
 from shared.lora import UNET_TARGETS, add_lora, lora_parameters, target_modules  # noqa: E402
 
 
@@ -78,8 +78,8 @@ class PlainLoRA:
         if base.arch != "sdxl":
             return outs[0][0], None
         states = torch.cat([out.hidden_states[-2] for out in outs], dim=-1)
-        return states, {"text_embeds": outs[1].text_embeds,
-                        "time_ids": sdxl_time_ids(self.resolution, self.resolution, len(captions)).to(base.device)}
+        return states, added_conditions(outs[1].text_embeds, self.resolution, self.resolution, base.device,
+                                        states.dtype)
 
 
 def timed(step, n: int) -> float:

@@ -18,7 +18,7 @@ from rich.progress import Progress
 
 from client.dataset import Example, augment, expand_caption, load_examples
 from shared.base import Base
-from shared.edlora import sdxl_time_ids
+from shared.edlora import added_conditions
 from shared.errors import InvalidArgument, UserError
 from shared.grams import GramRecorder, group_sites, is_text_side
 from shared.package import WEIGHTS_FILE, ConceptMeta, apply_concept
@@ -130,7 +130,6 @@ def _record_training_latents(base: Base, encoder, meta: ConceptMeta, examples: l
         noise = torch.randn(latents.shape, generator=gen).to(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(base.device)
         states, pooled = encode_prompts(encoder, [expand_caption(example.caption, meta.phrase, gen, shuffle=False)])
-        added = None if pooled is None else {"text_embeds": pooled.to(base.dtype), "time_ids": sdxl_time_ids(
-            resolution, resolution, 1).to(base.device, base.dtype)}
+        added = added_conditions(pooled, resolution, resolution, base.device, base.dtype)
         base.unet(scheduler.add_noise(latents, noise, t), t, states.to(base.dtype), added_cond_kwargs=added)
         progress.advance(task)

@@ -26,19 +26,19 @@ from shared.edlora import (
     LayerwiseTextEncoderXL,
     TokenMap,
     add_tokens,
+    added_conditions,
     attention_regulariser,
     check_new_words,
     class_word_embedding,
     embedding_scale,
     install_layer_processors,
     layer_token_names,
-    sdxl_time_ids,
     token_slots,
 )
 from shared.errors import InvalidArgument, UserError
 from shared.lora import add_lora, export_lora, lora_parameters, lora_scale, target_modules
 from shared.package import ConceptMeta, layerwise_encoder, save_package
-from shared.sampling import generate, image_grid
+from shared.sampling import encode_prompts, generate, image_grid
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -127,8 +127,8 @@ def prepare_concept(base: Base, words: list[str], class_word: str, cfg: TrainCon
     meta = ConceptMeta(name=name, words=list(words), class_word=class_word, n_layers=n, layerwise=cfg.layerwise,
                        rank=cfg.rank, alpha=cfg.alpha, unet_modules=unet_modules, text_modules=text_modules[0],
                        prompt_templates=list(cfg.templates), base_fingerprint=base.fingerprint,
-                       training=cfg.to_dict(), encoders=len(embeddings), text_modules_2=text_modules[1:] and
-                       text_modules[1] or [], token_layout=cfg.token_layout)
+                       training=cfg.to_dict(), encoders=len(embeddings), text_modules_2=text_modules[1]
+                       if len(text_modules) == 2 else [], token_layout=cfg.token_layout)
     second = (embeddings[1], scales[1]) if len(embeddings) == 2 else (None, None)
     return Concept(base, meta, embeddings[0], layerwise_encoder(base, token_map), processors, scales[0], *second)
 
@@ -218,12 +218,8 @@ class Trainer:
         for proc in self.c.processors:
             proc.capture = capture
         with self.autocast:
-            if base.arch == "sdxl":  # the pooled embedding and the size micro-conditioning feed the time embedding
-                states, pooled = self.c.encoder.encode_with_pooled(captions)
-                added = {"text_embeds": pooled.to(dtype),
-                         "time_ids": sdxl_time_ids(cfg.resolution, cfg.resolution, len(captions)).to(device, dtype)}
-            else:
-                states, added = self.c.encoder.encode(captions), None
+            states, pooled = encode_prompts(self.c.encoder, captions)
+            added = added_conditions(pooled, cfg.resolution, cfg.resolution, device, dtype)
             pred = base.unet(noisy.to(dtype), t, states.to(dtype), added_cond_kwargs=added).sample
         latent_masks = F.interpolate(masks, size=latents.shape[-2:], mode="area").to(device)
         loss = masked_mse(pred, target, latent_masks if cfg.masked_loss else None)

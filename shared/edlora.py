@@ -236,6 +236,15 @@ def sdxl_time_ids(height: int, width: int, batch: int) -> torch.Tensor:
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(batch, -1)
 
 
+def added_conditions(pooled: torch.Tensor | None, height: int, width: int, device: torch.device,
+                     dtype: torch.dtype) -> dict | None:
+    """The UNet's `added_cond_kwargs` for SDXL (pooled embedding + size micro-conditioning); None on SD 1.x."""
+    if pooled is None:
+        return None
+    return {"text_embeds": pooled.to(device, dtype),
+            "time_ids": sdxl_time_ids(height, width, pooled.shape[0]).to(device, dtype)}
+
+
 @dataclass
 class AttentionCapture:
     """Collects, per cross-attention layer, the attention map of the concept tokens (B, Q)."""
