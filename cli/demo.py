@@ -16,6 +16,9 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
         base: Path = typer.Option(ASSETS / "shapes-base", "--base", help="the base (default: the committed "
                                                                           "shapes base)"),
         evaluator: Path = typer.Option(ASSETS / "world-evaluator", "--evaluator"),
+        arch: str = typer.Option("sd", "--arch", help="sd: the base given (the committed shapes base by default); "
+                                 "sdxl: a tiny SDXL-shaped base built from config into OUT/base unless --base is "
+                                 "given (random weights: the images show no concepts, the evaluator finds none)"),
         steps: int = typer.Option(700, "--steps", help="training steps per client"),
         seeds: int = typer.Option(4, "--seeds", help="seeds of the final scene the evaluator judges"),
         device: str = typer.Option("cpu", "--device")) -> None:
@@ -29,6 +32,7 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     from rich.console import Console
 
     from cli.simulation import run_demo_round
+    from fixtures.tiny_base import make_tiny_base
     from sample.regional import Box
     from sample.scene import Region, Scene, overlay, render
     from server.report import table_of
@@ -36,6 +40,7 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     from shared.atomic import check_fresh_output
     from shared.base import load_base
     from shared.checkpoints import pull
+    from shared.errors import InvalidArgument
     from shared.fused_model import expand_prompt, load_fused
     from shared.package import apply_concept
     from shared.sampling import generate, image_grid
@@ -48,11 +53,17 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     console = Console()
     start = time.time()
     check_fresh_output(out, "out")
+    if arch not in ("sd", "sdxl"):
+        raise InvalidArgument("arch", f"{arch!r} is neither sd nor sdxl")
     judge = Judge(evaluator)
     base = Path(base).resolve()
-    load_base(base)  # a wrong base fails here, before the federation starts
+    build_tiny = arch == "sdxl" and base == (ASSETS / "shapes-base").resolve()
+    if not build_tiny and load_base(base, sdxl=True).arch != arch:  # a wrong base fails before anything starts
+        raise InvalidArgument("arch", f"the base {base} is not an {arch} base; give the --arch that matches it")
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
+    if build_tiny:
+        base = make_tiny_base(out / "base", arch="sdxl")
     concepts = make_world_concepts(out / "concepts", list(DEMO_CONCEPTS), images=12)
     training = out / "client-training.yaml"
     training.write_text(yaml.safe_dump({k: v for k, v in CONCEPT_TRAINING.items() if k not in ROUND_SETS}))
@@ -73,7 +84,7 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     rows, labels = [], []
     for name in names:  # each concept: its own client's model, then the fused model, same seeds
         package = next((out / "clients" / name).glob(f"*/{name}"))
-        single = load_base(base, device)
+        single = load_base(base, device, sdxl=True)
         _, single_encoder = apply_concept(single, package)
         words = " ".join(next(c for c in concepts if c["name"] == name)["words"])
         own = generate(single, single_encoder, [f"a photo of a {words}"] * 4, seed=1, steps=20, guidance=4.0,

@@ -7,7 +7,7 @@ import typer
 NAME = "export-single-file"
 
 
-def run(folder: Path = typer.Argument(..., help="a diffusers SD-1.x pipeline folder"),
+def run(folder: Path = typer.Argument(..., help="a diffusers SD-1.x or SDXL pipeline folder"),
         out: Path = typer.Argument(..., help="the .safetensors file to write (original LDM key layout)")) -> None:
     """Write a diffusers base folder as one original-layout checkpoint that from_single_file reads back."""
     from rich import print

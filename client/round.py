@@ -126,7 +126,7 @@ def package_for(config: pb.RoundConfig, node: NodeSettings) -> tuple[Path, bool]
     if pkg.exists() and not finished:
         shutil.rmtree(pkg)
     device, dtype = parse_device(node.device), parse_dtype(node.dtype)
-    base = load_base(node.base, device, dtype)
+    base = load_base(node.base, device, dtype, sdxl=True)
     if base.fingerprint != config.base_fingerprint:
         raise UserError(f"node {node.name}: its base {node.base} is {base.fingerprint[:12]}, the round's is "
                         f"{config.base_fingerprint[:12]}")
@@ -156,7 +156,7 @@ def ready_package(config: pb.RoundConfig, node: NodeSettings, pkg: Path) -> tupl
                 if (node.package / name).is_file():
                     shutil.copy2(node.package / name, stage / name)
     if not (pkg / STATS_FILE).is_file():
-        base = load_base(node.base, parse_device(node.device), parse_dtype(node.dtype))
+        base = load_base(node.base, parse_device(node.device), parse_dtype(node.dtype), sdxl=True)
         compute_stats(base, pkg, samples=config.stats_samples or None, show_progress=False)
     return pkg, reused
 

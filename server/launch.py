@@ -1,10 +1,12 @@
 """Launch a fusion round on a SuperLink with `flwr run` and follow it to its end.
 
-`flwr run` exits 0 even when the run failed, so the outcome is read from `flwr ls`.
+`flwr run` exits 0 even when the run failed, so the outcome is read from the SuperLink's run list (as
+`flwr ls` reads it).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -13,6 +15,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from server.settings import APP_DIR
@@ -60,7 +64,7 @@ def toml_value(value) -> str:
 
 
 def launch_round(superlink: str, run_config: dict, root_cert: Path | None = None, insecure: bool = False,
-                 poll: float = 3.0, timeout: float = 3600.0, log=print) -> dict:
+                 poll: float = 1.0, timeout: float = 3600.0, log=print) -> dict:
     """Start the round, wait for it to finish; return the run's status record (UserError when it failed)."""
     check_superlink(superlink, root_cert, insecure)
     env = flwr_env(superlink, root_cert, insecure)
@@ -77,20 +81,47 @@ def launch_round(superlink: str, run_config: dict, root_cert: Path | None = None
     if not isinstance(answer, dict) or not answer.get("success") or not str(answer.get("run-id", "")).isdigit():
         detail = answer.get("error-message") if isinstance(answer, dict) else None
         raise UserError(f"flwr run failed: {(detail or started.stderr or started.stdout).strip()[-400:]}")
-    run_id = str(answer["run-id"])
+    run_id = int(answer["run-id"])
     log(f"run {run_id} started on {superlink}")
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        listed = subprocess.run([flwr, "ls", CONNECTION, "--run-id", run_id, "--format", "json"], env=env,
-                                capture_output=True, text=True, timeout=60)
-        try:
-            runs = json.loads(listed.stdout)["runs"]
-            status = runs[0]["status"]
-        except (json.JSONDecodeError, KeyError, IndexError):
-            status = "unknown"
-        if status.startswith("finished"):
-            if status != "finished:completed":
-                raise UserError(f"round run {run_id} ended {status}: {runs[0].get('status-details', '')}")
-            return runs[0]
-        time.sleep(poll)
+    with control_client(superlink, root_cert, insecure) as client:
+        while time.monotonic() < deadline:
+            status, details = run_status(client, run_id)
+            if status.startswith("finished"):
+                if status != "finished:completed":
+                    raise UserError(f"round run {run_id} ended {status}: {details}")
+                return {"run-id": run_id, "status": status, "status-details": details}
+            time.sleep(poll)
     raise UserError(f"round run {run_id} did not finish within {timeout:.0f} s")
+
+
+@contextmanager
+def control_client(superlink: str, root_cert: Path | None, insecure: bool) -> Iterator:
+    """Flower's HTTP client of the SuperLink's Control API, in this process: polling a run through `flwr ls`
+    cost a Python start-up (about a CPU-second) every poll."""
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+
+    connection = SuperLinkConnection(CONNECTION, address=superlink, insecure=insecure,
+                                     root_certificates=None if insecure else str(Path(root_cert).resolve()))
+    with redirect_stdout(io.StringIO()):  # it announces the connection on stdout
+        client = init_http_client_from_connection(connection)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def run_status(client, run_id: int) -> tuple[str, str]:
+    """("status:sub-status", details) of one run, as `flwr ls` prints them; ("unknown", reason) when the
+    SuperLink does not answer this time (the caller polls again)."""
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
+
+    try:
+        answer = client.ListRuns(ListRunsRequest(run_id=run_id))
+        run = run_from_proto(answer.run_dict[run_id])
+    except Exception as exc:  # noqa: BLE001 - a transient HTTP failure or a run not listed yet
+        return "unknown", str(exc)
+    status = run.status.status + (f":{run.status.sub_status}" if run.status.sub_status else "")
+    return status, run.status.details or ""

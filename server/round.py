@@ -72,7 +72,7 @@ def round_config(store, settings: RoundSettings, round_id: str, node: int, finge
 def run_round(grid: Grid, settings: RoundSettings) -> RoundOutcome:
     """Run one round end to end; raises UserError (after logging) when it fails."""
     store = open_store(settings.store)
-    base = load_base(settings.base)
+    base = load_base(settings.base, sdxl=True)
     round_id = settings.round_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     check_round_id_unused(store, round_id)
     # the lock outlives a round that is killed by at most an hour past its own time limits

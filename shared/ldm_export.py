@@ -1,16 +1,22 @@
-"""Export a Stable-Diffusion-1.x diffusers folder as one original (CompVis/LDM) `.safetensors` checkpoint.
+"""Export a Stable Diffusion 1.x or SDXL diffusers folder as one original-layout `.safetensors` checkpoint.
 
-The file uses the key layout of the original SD 1.x checkpoints, so tools that expect a single
-"model.ckpt"-style file (and diffusers' own `from_single_file`) can read it:
+The file uses the key layout of the original checkpoints (CompVis/LDM for SD 1.x, Stability's SGM for
+SDXL), so tools that expect a single "model.ckpt"-style file (and diffusers' own `from_single_file`) can
+read it:
 
-* `model.diffusion_model.*`: the UNet (`input_blocks`, `middle_block`, `output_blocks`, `time_embed`, `out`);
+* `model.diffusion_model.*`: the UNet (`input_blocks`, `middle_block`, `output_blocks`, `time_embed`, `out`;
+  SDXL's pooled-text and size embedding as `label_emb.0`);
 * `first_stage_model.*`: the VAE (`encoder.down.N.block.M`, `mid.attn_1.{q,k,v,proj_out}` as 1x1 convs, ...);
-* `cond_stage_model.transformer.text_model.*`: the CLIP text encoder.
+* SD 1.x: `cond_stage_model.transformer.text_model.*`, the CLIP text encoder;
+* SDXL: `conditioner.embedders.0.transformer.text_model.*` (the CLIP ViT-L encoder, as is) and
+  `conditioner.embedders.1.model.*` (the second, OpenCLIP-layout encoder: `transformer.resblocks.N` with
+  one `attn.in_proj_weight` holding q, k and v, `ln_final`, `positional_embedding`, `text_projection`).
 
-Tensors are only renamed (and the VAE attention projections reshaped to `[C, C, 1, 1]`), never
-converted, so `StableDiffusionPipeline.from_single_file(out, config=folder)` gives back the folder's
-weights bit for bit. The renaming is computed from the UNet and VAE configs (number of blocks,
-`layers_per_block`, which blocks have attentions), so any SD-1.x-shaped model works, whatever its size.
+Tensors are renamed, the VAE attention projections reshaped to `[C, C, 1, 1]`, and for the OpenCLIP
+encoder q/k/v stacked and the projection transposed: exact operations, so `from_single_file(out,
+config=folder)` gives back the folder's weights bit for bit. The renaming is computed from the UNet and
+VAE configs (number of blocks, `layers_per_block`, which blocks have attentions), so any SD-1.x- or
+SDXL-shaped model works, whatever its size.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from shared.errors import UserError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # diffusers ResnetBlock2D parameter names -> LDM ResBlock names (UNet only; the VAE keeps the names).
 _UNET_RESNET_PARTS = {
@@ -49,7 +57,25 @@ _UNET_TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL: pooled text + size conditioning
+    "add_embedding.linear_2": "label_emb.0.2",
 }
+
+# CLIPTextModel(WithProjection) layer parts -> OpenCLIP resblock parts (q/k/v are stacked apart).
+_OPEN_CLIP_LAYER_PARTS = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_OPEN_CLIP_TOP_LEVEL = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_CLIP_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 _VAE_TOP_LEVEL = {
     "encoder.conv_in": "encoder.conv_in",
@@ -197,15 +223,41 @@ def vae_ldm_names(keys: Iterable[str], config: Mapping[str, Any]) -> dict[str, s
     return {key: VAE_PREFIX + _vae_key(key, config) for key in keys}
 
 
-def text_encoder_ldm_names(keys: Iterable[str]) -> dict[str, str]:
-    """Map CLIPTextModel state-dict keys to `cond_stage_model.transformer.text_model.*`.
+def text_encoder_ldm_names(keys: Iterable[str], prefix: str = TEXT_PREFIX) -> dict[str, str]:
+    """Map CLIPTextModel state-dict keys to `<prefix>text_model.*` (SD 1.x: `cond_stage_model.transformer.`).
 
     Accepts both the transformers 5 layout (`embeddings.*`, no `text_model.` level) and the older
     one (`text_model.embeddings.*`).
     """
-    return {
-        key: TEXT_PREFIX + (key if key.startswith("text_model.") else f"text_model.{key}") for key in keys
-    }
+    return {key: prefix + (key if key.startswith("text_model.") else f"text_model.{key}") for key in keys}
+
+
+def open_clip_state_dict(text_encoder_2: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder (a CLIPTextModelWithProjection state dict) in OpenCLIP's layout, with the
+    `conditioner.embedders.1.model.` prefix: per layer the q, k, v projections stacked into `attn.in_proj_*`
+    (in that order), and `text_projection` stored transposed (OpenCLIP multiplies `x @ P`)."""
+    out: dict[str, torch.Tensor] = {}
+    stacked: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in text_encoder_2.items():
+        plain = key.removeprefix("text_model.")
+        if plain == "text_projection.weight":
+            out["text_projection"] = tensor.T
+        elif plain in _OPEN_CLIP_TOP_LEVEL:
+            out[_OPEN_CLIP_TOP_LEVEL[plain]] = tensor
+        elif plain == "embeddings.position_ids":
+            continue  # a buffer, not a weight
+        elif (m := _CLIP_LAYER.fullmatch(plain)) and m[2] in ("self_attn.q_proj", "self_attn.k_proj",
+                                                               "self_attn.v_proj"):
+            stacked.setdefault((int(m[1]), m[3]), {})[m[2][-6]] = tensor
+        elif m and m[2] in _OPEN_CLIP_LAYER_PARTS:
+            out[f"transformer.resblocks.{m[1]}.{_OPEN_CLIP_LAYER_PARTS[m[2]]}.{m[3]}"] = tensor
+        else:
+            raise ValueError(f"text_encoder_2 key {key!r} has no OpenCLIP name")
+    for (layer, param), parts in stacked.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ValueError(f"text_encoder_2 layer {layer} lacks one of its q, k, v {param}s")
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return {SDXL_OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
 
 
 def _is_vae_attn_projection(ldm_key: str) -> bool:
@@ -218,19 +270,25 @@ def to_ldm_state_dict(
     text_encoder: Mapping[str, torch.Tensor],
     unet_config: Mapping[str, Any],
     vae_config: Mapping[str, Any],
+    text_encoder_2: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Combine diffusers component state dicts into one LDM-layout state dict.
+    """Combine diffusers component state dicts into one LDM-layout state dict (SGM's SDXL layout when
+    `text_encoder_2` is given).
 
     Tensors are passed through unchanged except the VAE mid-block attention projections, which
-    LDM stores as 1x1 conv weights `[C, C, 1, 1]` (diffusers keeps them as linear `[C, C]`).
+    LDM stores as 1x1 conv weights `[C, C, 1, 1]` (diffusers keeps them as linear `[C, C]`), and the
+    second text encoder (`open_clip_state_dict`).
     Works on meta tensors too, which is how the key mapping is checked without real weights.
     """
     out: dict[str, torch.Tensor] = {}
-    for names, tensors in (
-        (unet_ldm_names(unet, unet_config), unet),
-        (vae_ldm_names(vae, vae_config), vae),
-        (text_encoder_ldm_names(text_encoder), text_encoder),
-    ):
+    sdxl = text_encoder_2 is not None
+    text_names = text_encoder_ldm_names(text_encoder, SDXL_TEXT_PREFIX if sdxl else TEXT_PREFIX)
+    parts = [(unet_ldm_names(unet, unet_config), unet), (vae_ldm_names(vae, vae_config), vae),
+             (text_names, text_encoder)]
+    if sdxl:
+        second = open_clip_state_dict(text_encoder_2)
+        parts.append(({key: key for key in second}, second))
+    for names, tensors in parts:
         for key, ldm_key in names.items():
             if ldm_key in out:
                 raise ValueError(f"two tensors map to {ldm_key!r}")
@@ -259,25 +317,28 @@ def _load_component(folder: Path) -> dict[str, torch.Tensor]:
 def _load_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
-        raise UserError(f"{path} is missing: expected a diffusers Stable Diffusion 1.x folder")
+        raise UserError(f"{path} is missing: expected a diffusers Stable Diffusion 1.x or SDXL folder")
     return json.loads(path.read_text())
 
 
 def export_single_file(folder: Path, out: Path) -> Path:
-    """Write the SD 1.x diffusers pipeline at `folder` as one LDM-layout `.safetensors` file at `out`.
+    """Write the SD 1.x or SDXL diffusers pipeline at `folder` as one original-layout `.safetensors` file.
 
-    Reads `unet/`, `vae/` and `text_encoder/` (weights and configs), renames every tensor to its
-    original CompVis key and writes the result atomically (temporary file beside `out`, then
+    Reads `unet/`, `vae/`, `text_encoder/` (and SDXL's `text_encoder_2/`), weights and configs, renames
+    every tensor to its original key and writes the result atomically (temporary file beside `out`, then
     rename), with safetensors metadata `{"format": "pt"}`. Returns `out`.
-    `StableDiffusionPipeline.from_single_file(out, config=folder)` restores the same tensors.
+    `StableDiffusionPipeline` (or `StableDiffusionXLPipeline`)`.from_single_file(out, config=folder)`
+    restores the same tensors.
     """
     folder, out = Path(folder), Path(out)
+    sdxl = (folder / "text_encoder_2").is_dir()
     state = to_ldm_state_dict(
         unet=_load_component(folder / "unet"),
         vae=_load_component(folder / "vae"),
         text_encoder=_load_component(folder / "text_encoder"),
         unet_config=_load_config(folder / "unet"),
         vae_config=_load_config(folder / "vae"),
+        text_encoder_2=_load_component(folder / "text_encoder_2") if sdxl else None,
     )
     # safetensors refuses non-contiguous tensors.
     state = {k: v.contiguous() for k, v in state.items()}

@@ -77,6 +77,13 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_base(tmp_path_factory) -> Path:
+    """The tiny SDXL-shaped base (two text encoders, text-time added conditions)."""
+    return built_once(tmp_path_factory, "sdxl-base",
+                      lambda root: make_tiny_base(root / "tiny-sdxl", arch="sdxl")) / "tiny-sdxl"
+
+
+@pytest.fixture(scope="session")
 def toys(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "toys", lambda root: make_toy_concepts(root / "concepts", 3, images=6,
                                                                                size=64)) / "concepts"

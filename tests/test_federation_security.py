@@ -12,9 +12,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.launch import CONNECTION, flwr_env
-from shared.checkpoints import get_manifest, latest
+from shared.base import load_base
+from shared.checkpoints import get_manifest, latest, pull
+from shared.fused_model import expand_prompt, load_fused
+from shared.sampling import generate
 from shared.storage import open_store
 from tests.conftest import TOY_WORDS
 from tests.test_base_and_cli import run_cli
@@ -39,7 +43,8 @@ def wait_healthy(port: int, ca: Path, log: Path) -> None:
             time.sleep(0.5)
 
 
-def test_tls_and_node_authentication(tmp_path, tiny_base, toys, s3_env, monkeypatch, capsys):
+def test_tls_and_node_authentication(tmp_path, sdxl_base, toys, s3_env, monkeypatch, capsys):
+    """On the tiny SDXL base: the round, its upload and the pulled version take an SDXL base unchanged."""
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(ROOT / "deploy" / "make-certs.sh"), str(certs), "superlink", "2"], check=True,
                    capture_output=True)
@@ -65,7 +70,7 @@ def test_tls_and_node_authentication(tmp_path, tiny_base, toys, s3_env, monkeypa
         def join(name: str, extra: list[str]) -> None:
             words, cls = TOY_WORDS[name]
             procs.append(start([str(BIN / "mixshow"), "join", "--superlink", superlink, "--data", str(toys / name),
-                                "--words", " ".join(words), "--class-word", cls, "--base", str(tiny_base),
+                                "--words", " ".join(words), "--class-word", cls, "--base", str(sdxl_base),
                                 "--name", name, "--port", str(free_port()), "--work-dir",
                                 str(tmp_path / "clients" / name), *extra], client_env,
                                tmp_path / f"supernode-{name}.log"))
@@ -79,15 +84,21 @@ def test_tls_and_node_authentication(tmp_path, tiny_base, toys, s3_env, monkeypa
         assert listed.returncode == 0, listed.stderr
         store_url = "s3://mixshow/secure"
         code, out, err = run_cli(["round", "--superlink", superlink, "--root-cert", str(certs / "ca.crt"),
-                                  "--store", store_url, "--base", str(tiny_base), "--min-clients", "1",
+                                  "--store", store_url, "--base", str(sdxl_base), "--min-clients", "1",
                                   "--timeout", "600", "--wait", "10", "--steps", "8", "--resolution", "64",
                                   "--stats-samples", "1"], monkeypatch, capsys)
         assert code == 0, err
         store = open_store(store_url)
         assert list(get_manifest(store, latest(store)).concepts) == ["red-circle"]  # only the registered node
+        pull(store, tmp_path / "pulled")
+        model, encoder, concepts = load_fused(tmp_path / "pulled")
+        assert model.arch == "sdxl" and model.fingerprint == load_base(sdxl_base, sdxl=True).fingerprint
+        image = generate(model, encoder, [expand_prompt("a photo of a <red-circle>", concepts)], steps=2, height=64,
+                         width=64)[0]
+        assert torch.tensor(list(image.getdata())).float().std() > 0
         # a plain-text client of the TLS SuperLink is refused too
         code, out, err = run_cli(["round", "--superlink", superlink, "--insecure", "--store", store_url, "--base",
-                                  str(tiny_base)], monkeypatch, capsys)
+                                  str(sdxl_base)], monkeypatch, capsys)
         assert code != 0
     finally:
         stop(procs)

@@ -7,14 +7,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from fixtures.tiny_base import make_tiny_base
 from shared.base import load_base
 from shared.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def sdxl_base(tmp_path_factory):
-    return make_tiny_base(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", arch="sdxl")
 
 
 def test_tiny_sdxl_base_is_an_sdxl_pipeline(sdxl_base):
@@ -40,6 +34,34 @@ def test_load_base_recognises_sdxl_and_fingerprints_both_encoders(sdxl_base, tmp
         pipe.text_encoder_2.get_input_embeddings().weight[5] += 0.5
     pipe.save_pretrained(tmp_path / "changed", safe_serialization=True)
     assert load_base(tmp_path / "changed", sdxl=True).fingerprint != base.fingerprint
+
+
+def test_an_sdxl_single_file_loads_as_the_same_base(sdxl_base, tmp_path):
+    """`mixshow export-single-file` writes the SDXL folder in Stability's original key layout (the second text
+    encoder in OpenCLIP's, q/k/v stacked); `load_base` reads it back with the folder as its config: every
+    weight of every component bit for bit, hence the same fingerprint and the same image."""
+    from safetensors import safe_open
+
+    from shared.edlora import TokenMap
+    from shared.ldm_export import SDXL_OPEN_CLIP_PREFIX, export_single_file
+    from shared.package import layerwise_encoder
+    from shared.sampling import generate
+
+    ckpt = export_single_file(sdxl_base, tmp_path / "tiny-sdxl.safetensors")
+
+    with safe_open(str(ckpt), "pt") as fh:
+        keys = set(fh.keys())
+    assert f"{SDXL_OPEN_CLIP_PREFIX}transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert not any(k.startswith("cond_stage_model.") for k in keys)
+    folder, single = load_base(sdxl_base, sdxl=True), load_base(ckpt, config=sdxl_base, sdxl=True)
+    assert single.arch == "sdxl" and single.fingerprint == folder.fingerprint
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    images = [generate(base, layerwise_encoder(base, TokenMap(1)), ["a red ball"], seed=1, steps=2, height=64,
+                       width=64)[0] for base in (folder, single)]
+    assert images[0].tobytes() == images[1].tobytes()
 
 
 def test_verbs_without_sdxl_support_refuse_an_sdxl_base(sdxl_base):

@@ -73,3 +73,23 @@ def test_make_shapes_base_help_quotes_the_real_defaults(monkeypatch, capsys):
     for flag, value in (("UNet + text-encoder steps", defaults.steps), ("autoencoder steps", defaults.vae_steps),
                         ("decoder-only steps", defaults.decoder_steps), ("phases", f"{defaults.minutes:g}")):
         assert f"{flag} (default {value})" in text, (flag, value, text)
+
+
+def test_a_paused_and_resumed_shapes_base_training_ends_like_one_run(tmp_path):
+    """`make-shapes-base` paused at UNet step 3 and run again ends with the weights and losses of one run straight
+    through: the checkpoint holds the optimizer moments and the noise generator's state, not only the weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from world.shapes_base import BaseTraining, make_shapes_base
+
+    cfg = BaseTraining(vae_steps=2, vae_batch=2, decoder_steps=1, steps=5, batch=2, warmup=2, scenes=6,
+                       checkpoint_every=2)
+    straight = make_shapes_base(tmp_path / "straight", cfg, show_progress=False)
+    paused = make_shapes_base(tmp_path / "resumed", cfg, show_progress=False, stop_at_step=3)
+    assert paused["paused"] and paused["steps"] == 3 and not (tmp_path / "resumed").exists()
+    resumed = make_shapes_base(tmp_path / "resumed", cfg, show_progress=False)
+    assert resumed["steps"] == straight["steps"] == 5 and resumed["final_loss"] == straight["final_loss"]
+    for part in ("unet", "text_encoder", "vae"):
+        a, b = (load_file(str(next((tmp_path / run / part).glob("*.safetensors")))) for run in ("straight", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part

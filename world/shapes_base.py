@@ -5,7 +5,8 @@ Same component classes and folder layout as SD 1.x: an AutoencoderKL (down-sampl
 every resolution and a CLIPTextModel trained together on the latents of seeded scenes and their captions
 (10% of captions dropped, for classifier-free guidance), with SD's noise schedule. The CLIP BPE vocabulary
 is written locally and makes every world word one token. Training is resumable: a checkpoint (weights,
-optimizer moments, step) is written every `checkpoint_every` steps and at the end of each phase.
+optimizer moments, step, the noise generator's state) is written every `checkpoint_every` steps and at the end of
+each phase, so a run stopped and resumed ends with the same weights as one run straight through.
 """
 
 from __future__ import annotations
@@ -127,19 +128,22 @@ class Checkpoint:
         self.path, self.meta = work / f"{phase}.safetensors", work / f"{phase}.json"
 
     def save(self, models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, step: int,
-             info: dict) -> None:
+             info: dict, generator: torch.Generator | None = None) -> None:
         tensors = {f"model.{name}.{k}": v.detach().contiguous() for name, m in models.items()
                    for k, v in m.state_dict().items()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         for i, p in enumerate(params):
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().contiguous()
+        if generator is not None:
+            tensors["rng"] = generator.get_state()
         tmp = self.path.with_name(self.path.name + ".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(self.path)
         write_bytes_atomic(self.meta, json.dumps({"step": step, **info}).encode())
 
-    def load(self, models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None) -> dict | None:
+    def load(self, models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None,
+             generator: torch.Generator | None = None) -> dict | None:
         if not self.meta.is_file() or not self.path.is_file():
             return None
         tensors = load_file(str(self.path))
@@ -152,6 +156,8 @@ class Checkpoint:
                 state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
                 if state:
                     optimizer.state[p] = state
+        if generator is not None and "rng" in tensors:
+            generator.set_state(tensors["rng"])
         return json.loads(self.meta.read_text())
 
 
@@ -253,15 +259,17 @@ def encoded_scenes(tokenizer: CLIPTokenizer, vae: AutoencoderKL, cfg: BaseTraini
 
 def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
                    vae: AutoencoderKL, scaling: float, cfg: BaseTraining, work: Path, deadline: float,
-                   show_progress: bool = True) -> dict:
-    """UNet + text encoder on noised latents of seeded scenes (v-prediction); stops at `deadline`."""
+                   show_progress: bool = True, stop_at_step: int | None = None) -> dict:
+    """UNet + text encoder on noised latents of seeded scenes (v-prediction); stops at `deadline` (or at
+    `stop_at_step`, a pause: the run is resumed later from the checkpoint)."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ckpt = Checkpoint(work, "unet")
-    state = ckpt.load({"unet": unet, "text_encoder": text_encoder}, optimizer) or {"step": 0, "losses": []}
+    gen = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps and caption dropout, restored on resume
+    state = ckpt.load({"unet": unet, "text_encoder": text_encoder}, optimizer, gen) or {"step": 0, "losses": []}
     losses: list[float] = state["losses"]
     noise_scheduler = DDPMScheduler.from_config(sd_scheduler().config)
-    gen = torch.Generator().manual_seed(cfg.seed + state["step"])
+    last = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
     lr_at: Callable[[int], float] = lambda s: cfg.lr * min(1.0, (s + 1) / max(1, cfg.warmup)) * \
         0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))  # noqa: E731
     all_latents, all_ids = encoded_scenes(tokenizer, vae, cfg, work, show_progress)
@@ -271,7 +279,7 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
     step = state["step"]
     with _progress("unet + text encoder", show_progress) as progress:
         task = progress.add_task("unet", total=cfg.steps, completed=step, loss="-")
-        while step < cfg.steps and time.monotonic() < deadline:
+        while step < last and time.monotonic() < deadline:
             # each pass over the scenes in its own seeded order
             first = step * cfg.batch
             order = torch.randperm(cfg.scenes, generator=torch.Generator().manual_seed(cfg.seed + first // cfg.scenes))
@@ -293,8 +301,8 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
             step += 1
             progress.update(task, completed=step, loss=f"{np.mean(losses[-50:]):.4f}")
             if step % cfg.checkpoint_every == 0:
-                ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step, {"losses": losses})
-    ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step, {"losses": losses})
+                ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step, {"losses": losses}, gen)
+    ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step, {"losses": losses}, gen)
     return {"steps": step, "final_loss": float(np.mean(losses[-100:])) if losses else None}
 
 
@@ -311,10 +319,12 @@ def deterministic_posterior(vae: AutoencoderKL) -> None:
 
 
 def make_shapes_base(out: Path, cfg: BaseTraining | None = None, work: Path | None = None,
-                     show_progress: bool = True) -> dict:
+                     show_progress: bool = True, stop_at_step: int | None = None) -> dict:
     """Train the shapes base and write it as a diffusers folder at `out` (atomically); returns the run's record.
 
     `work` (default `<out>.work`) keeps the checkpoints, so the same call resumes after an interruption.
+    `stop_at_step` pauses the run when the UNet phase reaches that step: nothing is written but the
+    checkpoints, and the record says `paused`.
     """
     cfg = (cfg or BaseTraining()).check()
     out = Path(out)
@@ -334,7 +344,9 @@ def make_shapes_base(out: Path, cfg: BaseTraining | None = None, work: Path | No
     scaling = cfg.latent_std / raw_std
     vae.register_to_config(scaling_factor=scaling)
     record = train_denoiser(tokenizer, text_encoder, unet, vae, scaling, cfg, work,
-                            start + cfg.minutes * 60, show_progress)
+                            start + cfg.minutes * 60, show_progress, stop_at_step)
+    if stop_at_step is not None and record["steps"] < cfg.steps and record["steps"] >= stop_at_step:
+        return {**record, "paused": True, "seconds_this_run": round(time.monotonic() - start, 1)}
     if cfg.decoder_steps:
         finetune_decoder(vae, cfg, work, show_progress)
     deterministic_posterior(vae)
