@@ -5,7 +5,10 @@ Each condition's residuals are computed at weight 1 and multiplied by a weight m
 weight everywhere, a box's own weight on the cells inside that box (boxes map to each residual's
 resolution by the cell-centre rule of sample.regional; where weighted boxes overlap, the mean of
 their weights). The maps are applied in a forward pre-hook of the UNet, so the same diffusers
-StableDiffusionPipeline runs with or without conditions, with every scheduler.
+StableDiffusionPipeline (or StableDiffusionXLPipeline) runs with or without conditions, with every scheduler.
+
+On SDXL: a T2I-Adapter of SDXL's layout (`adapter_type="full_adapter_xl"`) and a ControlNetModel with the
+UNet's `addition_embed_type="text_time"`, which is given the UNet's own pooled-text and size conditioning.
 """
 
 from __future__ import annotations
@@ -118,6 +121,16 @@ def check_condition(spec: ConditionSpec, height: int, width: int, where: str = "
     read_condition_image(spec.image, height, width, 3)
 
 
+def adapter_feature_shapes(unet: UNet2DConditionModel, latent: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """(channels, h, w) of the T2I-Adapter feature each down block of `unet` adds, as diffusers' UNet adds them:
+    after the last resnet + attention of a block with cross-attention (at the block's input size), after the
+    downsampler of a block without (SDXL's first level)."""
+    types, channels = unet.config.down_block_types, list(unet.config.block_out_channels)
+    sizes = level_sizes(latent, len(channels) + 1)
+    return [(c, *sizes[i if "CrossAttn" in kind or i == len(types) - 1 else i + 1])
+            for i, (kind, c) in enumerate(zip(types, channels))]
+
+
 class LoadedCondition:
     """A condition's model on the UNet's device and dtype, its image, and (adapters) its features."""
 
@@ -140,7 +153,6 @@ class LoadedCondition:
         if bad is not None:
             raise UserError(f"{spec.model}: weight {bad} contains NaN or Inf; the file is damaged")
         self.model = model.to(device, dtype).eval()
-        blocks = list(unet.config.block_out_channels)
         latent = (height // vae_factor, width // vae_factor)
         if spec.kind == "t2i-adapter":
             channels = int(self.model.config.in_channels)
@@ -154,11 +166,12 @@ class LoadedCondition:
             except RuntimeError as exc:
                 raise UserError(f"T2I-Adapter {spec.model} cannot read a {height}x{width} image ({exc})") from exc
             got = [(int(f.shape[1]), int(f.shape[2]), int(f.shape[3])) for f in self.features]
-            expected = [(c, h, w) for c, (h, w) in zip(blocks, level_sizes(latent, len(blocks)))]
-            if got != expected:
+            expected = adapter_feature_shapes(unet, latent)
+            if got not in (expected, expected + [expected[-1]]):
                 raise UserError(f"T2I-Adapter {spec.model} gives features (channels, h, w) {got}, but this UNet's "
-                                f"levels are {expected}: use an adapter trained for this base (its channels and "
-                                "downscale factor must fit the UNet and VAE)")
+                                f"down blocks take {expected} (and optionally the middle block one more like the "
+                                "last): use an adapter trained for this base (its layout, channels and downscale "
+                                "factor must fit the UNet and VAE)")
             self.features = [self._weighted(f) for f in self.features]  # fixed over the steps: weighted once
         else:
             self._check_controlnet(unet, vae_factor)
@@ -172,7 +185,8 @@ class LoadedCondition:
             return list(value) if isinstance(value, (list, tuple)) else value
 
         keys = ("block_out_channels", "cross_attention_dim", "in_channels", "layers_per_block", "down_block_types",
-                "mid_block_type")
+                "mid_block_type", "transformer_layers_per_block", "addition_embed_type",
+                "projection_class_embeddings_input_dim")
         wrong = [(k, plain(cfg[k]), plain(unet.config[k])) for k in keys
                  if k in cfg and k in unet.config and plain(cfg[k]) != plain(unet.config[k])]
         if wrong:
@@ -183,23 +197,28 @@ class LoadedCondition:
         if embed != vae_factor or int(cfg.conditioning_channels) not in (1, 3):
             raise UserError(f"ControlNet {self.spec.model} embeds {cfg.conditioning_channels}-channel images at 1/"
                             f"{embed} scale; this base needs greyscale or RGB at 1/{vae_factor}")
-        unet_layers = cross_attention_layers(unet)
+        unet_layers, unet_procs = cross_attention_layers(unet), unet.attn_processors
         procs = dict(self.model.attn_processors)
         for name in [n for n in procs if n.endswith("attn2.processor")]:
             layer = name.removesuffix(".processor")
             if layer not in unet_layers:
                 raise UserError(f"ControlNet {self.spec.model}: cross-attention {layer} has no counterpart in the UNet")
-            procs[name] = LayerSliceProcessor(unet_layers.index(layer), len(unet_layers), self.text_length)
+            own = unet_procs[name]  # the token slot the UNet's own block reads (layer-wise, per block or module)
+            slot, slots = (own.index, own.n_layers) if isinstance(own, LayerSliceProcessor) else \
+                (unet_layers.index(layer), len(unet_layers))
+            procs[name] = LayerSliceProcessor(slot, slots, self.text_length)
         self.model.set_attn_processor(procs)
 
-    def residuals(self, sample: torch.Tensor, timestep, text: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
-        """Weighted residuals for a batch: (down, mid) for a ControlNet, (intrablock, None) for an adapter."""
+    def residuals(self, sample: torch.Tensor, timestep, text: torch.Tensor,
+                  added: dict | None = None) -> tuple[list[torch.Tensor], ...]:
+        """Weighted residuals for a batch: (down, mid) for a ControlNet, (intrablock, None) for an adapter.
+        `added`: the UNet call's added conditions (SDXL's pooled text and size ids), given to a ControlNet."""
         batch = sample.shape[0]
         if isinstance(self.model, T2IAdapter):
             return [f.expand(batch, *f.shape[1:]) for f in self.features], None
         image = self.image.expand(batch, *self.image.shape[1:])
         down, mid = self.model(sample, timestep, encoder_hidden_states=text, controlnet_cond=image,
-                               conditioning_scale=1.0, return_dict=False)
+                               conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False)
         return [self._weighted(r) for r in down], self._weighted(mid)
 
     def _weighted(self, residual: torch.Tensor) -> torch.Tensor:
@@ -231,7 +250,7 @@ class ConditionHook:
         text = kwargs["encoder_hidden_states"][:, : self.text_span]  # the global prompt's layer-wise states
         intra = down = mid = None
         for cond in self.conditions:
-            parts, middle = cond.residuals(sample, timestep, text)
+            parts, middle = cond.residuals(sample, timestep, text, kwargs.get("added_cond_kwargs"))
             if middle is None:
                 intra = parts if intra is None else [a + b for a, b in zip(intra, parts)]
             else:

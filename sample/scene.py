@@ -231,9 +231,6 @@ def render(base: Base, encoder: LayerwiseTextEncoder, scene: Scene, expand=lambd
     negative = torch.cat([encoder.encode([t] * batch) for t in negatives], dim=1)
     pooled = None
     if base.arch == "sdxl":  # the time embedding reads the global prompt's pooled embedding
-        if scene.conditions:
-            raise UserError("T2I-Adapter / ControlNet conditions are not built for SDXL bases yet: leave out "
-                            "'conditions' for an SDXL model")
         pooled = (encode_prompts(encoder, [texts[0]] * batch)[1], encode_prompts(encoder, [negatives[0]] * batch)[1])
     factor = scene.height // latent[0]
     conditions = [LoadedCondition(spec, base.unet, factor, scene.height, scene.width, base.tokenizer.model_max_length)

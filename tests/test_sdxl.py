@@ -354,3 +354,65 @@ def test_sdxl_region_prompt_changes_only_its_box_and_the_cli_samples_a_scene(sdx
                              monkeypatch, capsys)
     assert code == 0, err
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_sdxl_conditions_t2i_adapter_and_controlnet(sdxl_base, sdxl_fused, tmp_path):
+    """Conditions on SDXL: a T2I-Adapter of SDXL's layout (FullAdapterXL: four features, the last for the middle
+    block) and a ControlNet with the UNet's text-time added embedding. With no regions and no concepts the
+    adapter's scene is diffusers' own StableDiffusionXLAdapterPipeline; weight 0 is the plain render and
+    weight 1 is not; the ControlNet's cross-attentions read the token slots of the UNet's own blocks."""
+    from diffusers import ControlNetModel, StableDiffusionXLAdapterPipeline, T2IAdapter
+    from PIL import Image, ImageDraw
+
+    from sample.conditions import ConditionSpec, LoadedCondition
+    from sample.scene import Scene, regional_processors, render
+    from shared.edlora import LayerSliceProcessor, TokenMap
+    from shared.fused_model import expand_prompt, load_fused
+    from shared.package import layerwise_encoder
+    from shared.sampling import initial_latents
+
+    base = load_base(sdxl_base, sdxl=True)
+    torch.manual_seed(0)
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=16,
+                         adapter_type="full_adapter_xl")
+    adapter.save_pretrained(tmp_path / "adapter")
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    with torch.no_grad():  # from_unet zero-initialises the output convolutions: give them weights to act
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            module.weight.normal_(0, 0.05)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    sketch = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(sketch).ellipse((8, 8, 40, 40), outline="white", width=3)
+    sketch.save(tmp_path / "sketch.png")
+
+    scene = Scene(prompt="a red ball", negative="blurry", steps=3, height=64, width=64, seed=2, scheduler="euler",
+                  conditions=[ConditionSpec("t2i-adapter", tmp_path / "adapter", tmp_path / "sketch.png", 1.0)])
+    ours = render(base, layerwise_encoder(base, TokenMap(1)), scene, output_type="np")
+    pipe = StableDiffusionXLAdapterPipeline(**{**base.pipeline().components, "adapter": adapter})
+    pipe.set_progress_bar_config(disable=True)
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
+    theirs = pipe("a red ball", negative_prompt="blurry", image=sketch, num_inference_steps=3, height=64, width=64,
+                  latents=initial_latents(base, 1, 64, 64, 2), output_type="np", guidance_scale=scene.guidance,
+                  adapter_conditioning_scale=1.0).images
+    assert abs(ours - theirs).max() < 1e-5, abs(ours - theirs).max()
+
+    model, encoder, concepts = load_fused(sdxl_fused)
+    expand = lambda text: expand_prompt(text, concepts)  # noqa: E731
+    plain = render(model, encoder, Scene(prompt="a <red-circle>", steps=3, height=64, width=64, seed=1), expand,
+                   output_type="np")
+    for kind, folder in (("t2i-adapter", "adapter"), ("controlnet", "controlnet")):
+        renders = [render(model, encoder, Scene(prompt="a <red-circle>", steps=3, height=64, width=64, seed=1,
+                                                conditions=[ConditionSpec(kind, tmp_path / folder,
+                                                                          tmp_path / "sketch.png", w)]),
+                          expand, output_type="np") for w in (0.0, 1.0)]
+        assert (renders[0] == plain).all() and abs(renders[1] - plain).max() > 1e-4, kind
+    regional_processors(model)
+    loaded = LoadedCondition(ConditionSpec("controlnet", tmp_path / "controlnet", tmp_path / "sketch.png"),
+                             model.unet, 8, 64, 64)
+    own = model.unet.attn_processors
+    slots = {n: (p.index, p.n_layers) for n, p in loaded.model.attn_processors.items() if n.endswith("attn2.processor")}
+    assert slots and all(isinstance(own[n], LayerSliceProcessor) and slots[n] == (own[n].index, own[n].n_layers)
+                         for n in slots)
+    assert len({s for s, _ in slots.values()}) < len(slots)  # one token per attention module: blocks share slots
