@@ -230,7 +230,7 @@ CASES = {
     "condition-base-as-controlnet": (lambda s, k: sample_yaml(s, k, conditions=[condition(
         s, k, sketch(s / "sketch.png"), kind="controlnet", model=k.base)]), "has no config.json"),
     "condition-adapter-misfit": (lambda s, k: sample_yaml(s, k, conditions=[condition(
-        s, k, sketch(s / "sketch.png"), model=k.adapter_misfit)]), "but this UNet's levels are"),
+        s, k, sketch(s / "sketch.png"), model=k.adapter_misfit)]), "but this UNet's down blocks take"),
     # eval clip
     "clip-seeds-zero": (lambda s, k: clip_args(s, k, "--seeds", "0"), "--seeds: 0 is outside [1, 1000]"),
     "clip-steps-negative": (lambda s, k: clip_args(s, k, "--steps", "-2"), "--steps: -2 is outside [1, 1000]"),
