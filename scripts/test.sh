@@ -6,7 +6,6 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/ruff check .
 .venv/bin/lint-imports --no-cache
-# three workers on the 2 cores (and CI's): each test runs single-threaded, and the end-to-end tests spend about
-# half their time waiting on Flower (heartbeats, polling), which a third worker fills; one test at a time to
-# each worker, longest first (tests/conftest.py), so the long end-to-end tests do not end up one after another
-.venv/bin/python -m pytest -q -n 3 --maxschedchunk 1 --durations=15 "$@"
+# two workers: the machine (and CI) has 2 cores, and each test runs single-threaded; one test at a time to each
+# worker, longest first (tests/conftest.py), so the long end-to-end tests do not end up one after another
+.venv/bin/python -m pytest -q -n 2 --maxschedchunk 1 --durations=15 "$@"
