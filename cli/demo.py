@@ -65,10 +65,13 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     if build_tiny:
         base = make_tiny_base(out / "base", arch="sdxl")
     concepts = make_world_concepts(out / "concepts", list(DEMO_CONCEPTS), images=12)
+    if build_tiny:  # the tiny base's vocabulary has none of the world's class words (shape, badge, sign)
+        console.print("[bold]tiny SDXL base[/] (random weights) in OUT/base; the concepts' class word is 'toy'")
     training = out / "client-training.yaml"
     training.write_text(yaml.safe_dump({k: v for k, v in CONCEPT_TRAINING.items() if k not in ROUND_SETS}))
     nodes = [{"name": c["name"], "data-dir": str(out / "concepts" / c["folder"]), "words": " ".join(c["words"]),
-              "class-word": c["class_word"], "base": str(base), "work-dir": str(out / "clients" / c["name"]),
+              "class-word": "toy" if build_tiny else c["class_word"], "base": str(base),
+              "work-dir": str(out / "clients" / c["name"]),
               "device": device, "train-config": str(training)} for c in concepts]
     store_url = f"file://{out / 'store'}"
     settings = RoundSettings.from_config({"store": store_url, "base": str(base), "min-clients": 3, "wait": 60,
