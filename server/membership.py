@@ -33,6 +33,7 @@ class Previous:
     version: str = ""
     folder: Path | None = None
     records: list[dict] = field(default_factory=list)
+    barred: list[dict] = field(default_factory=list)  # concepts the operator removed: {"name", "client"}
 
     @classmethod
     def pull(cls, store: Store, folder: Path, trust: Ed25519PublicKey | None, fingerprint: str) -> Previous:
@@ -42,13 +43,34 @@ class Previous:
         if name is None or get_manifest(store, name).base_fingerprint != fingerprint:
             return cls()
         pull(store, folder, name, with_state=True, trust=trust)
-        return cls(name, folder, list(read_concepts(folder)["concepts"]))
+        info = read_concepts(folder)
+        return cls(name, folder, list(info["concepts"]), operator_removals(info, f"{name}/{CONCEPTS_FILE}"))
 
     def owned_by(self, node: str) -> dict | None:
         return next((r for r in self.records if str(r.get("client", "")) == node), None)
 
     def named(self, name: str) -> dict | None:
         return next((r for r in self.records if r["name"] == name), None)
+
+
+BARRED_KEY = "removed_by_operator"
+
+
+def operator_removals(info: dict, where: str) -> list[dict]:
+    """The version's record of concepts the operator removed (carried from version to version), checked."""
+    barred = info.get(BARRED_KEY, [])
+    if not isinstance(barred, list) or not all(isinstance(b, dict) and isinstance(b.get("name"), str) and
+                                               isinstance(b.get("client"), str) for b in barred):
+        raise UserError(f"{where}: {BARRED_KEY} must be a list of {{name, client}} objects")
+    return barred
+
+
+def record_operator_removals(folder: Path, barred: list[dict]) -> None:
+    """Write the operator's removals into the new version's concepts.json (published and signed with it)."""
+    path = folder / CONCEPTS_FILE
+    info = json.loads(path.read_text())
+    info[BARRED_KEY] = barred
+    path.write_text(json.dumps(info, indent=2))
 
 
 def verify(store, manifest: pb.ConceptManifest, prefix: str, base, folder: Path, max_bytes: float = float("inf")
@@ -85,6 +107,7 @@ class Changes:
         self.removed: list[str] = []
         self.packages: list[Path] = []
         self.origins: dict[str, dict] = {}
+        self.barred: list[dict] = list(previous.barred)
 
     def any(self) -> bool:
         return bool(self.added or self.replaced or self.removed)
@@ -97,6 +120,8 @@ class Changes:
             raise UserError(f"remove {name!r}: the latest version {self.previous.version or '(none)'} has no concept "
                             f"of that name (it has: {have})")
         self.removed.append(name)
+        # barred from coming back: its node, still connected, would otherwise upload it again next round
+        self.barred.append({"name": name, "client": str(self.previous.named(name).get("client", ""))})
 
     def take(self, node: str, manifest: pb.ConceptManifest, store: Store, round_id: str, base: Base,
              folder: Path, max_bytes: float) -> str:
@@ -122,6 +147,8 @@ class Changes:
                             "choose another name")
         if name in self.origins:
             raise UserError(f"two clients sent a concept named {name!r} in this round; choose another name")
+        if own is None and {"name": name, "client": node} in self.barred:
+            return f"refused: {name} was removed by the operator; this node's concept is not taken again"
         if own is not None and own["name"] not in self.removed:
             self.removed.append(own["name"])
             (self.replaced if own["name"] == name else self.added).append(name)

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from protos import mixshow_pb2 as pb
-from server.membership import Changes, Previous
+from server.membership import Changes, Previous, record_operator_removals
 from server.round_lock import check_round_id_unused, round_lock
 from server.settings import RoundSettings
 from shared.base import load_base
@@ -124,6 +124,7 @@ def _locked_round(grid: Grid, settings: RoundSettings, store, base, round_id: st
             return outcome
         started = time.monotonic()
         folder = changes.fuse(settings.base, store, work)
+        record_operator_removals(folder, changes.barred)
         outcome.seconds["fuse"], started = round(time.monotonic() - started, 3), time.monotonic()
         manifest = publish(store, folder, round_id, signing_key=key, lineage=changes.lineage())
         outcome.seconds["publish"] = round(time.monotonic() - started, 3)
