@@ -376,3 +376,20 @@ def test_eval_concepts_checks_its_arguments(args, expect, tmp_path, monkeypatch,
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert_clean_error(["eval", "concepts", "--model", tmp_path / "none", *args], tmp_path, expect, monkeypatch,
                        capsys)
+
+
+@pytest.mark.parametrize("barred", ["all", [{"name": "a"}], [{"name": "a", "client": 7}], {"name": "a"}])
+def test_a_malformed_operator_removal_record_is_refused(barred):
+    """A version's `removed_by_operator` that is not a list of {name, client} strings stops the round with one
+    clear error (a later round would otherwise let a removed concept back in, or crash)."""
+    from server.membership import Changes, Previous, operator_removals
+    from shared.errors import UserError
+
+    with pytest.raises(UserError, match="removed_by_operator must be a list"):
+        operator_removals({"removed_by_operator": barred}, "v0003/concepts.json")
+    kept = operator_removals({"removed_by_operator": [{"name": "a", "client": "7"}]}, "v0003/concepts.json")
+    assert kept == [{"name": "a", "client": "7"}] and operator_removals({}, "x") == []
+    previous = Previous("v0003", None, [{"name": "b", "client": "9"}], kept)
+    changes = Changes(previous)
+    changes.remove_by_operator("b")
+    assert changes.barred == [{"name": "a", "client": "7"}, {"name": "b", "client": "9"}]
