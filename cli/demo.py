@@ -62,11 +62,10 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
         raise InvalidArgument("arch", f"the base {base} is not an {arch} base; give the --arch that matches it")
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
-    if build_tiny:
-        base = make_tiny_base(out / "base", arch="sdxl")
-    concepts = make_world_concepts(out / "concepts", list(DEMO_CONCEPTS), images=12)
     if build_tiny:  # the tiny base's vocabulary has none of the world's class words (shape, badge, sign)
+        base = make_tiny_base(out / "base", arch="sdxl")
         console.print("[bold]tiny SDXL base[/] (random weights) in OUT/base; the concepts' class word is 'toy'")
+    concepts = make_world_concepts(out / "concepts", list(DEMO_CONCEPTS), images=12)
     training = out / "client-training.yaml"
     training.write_text(yaml.safe_dump({k: v for k, v in CONCEPT_TRAINING.items() if k not in ROUND_SETS}))
     nodes = [{"name": c["name"], "data-dir": str(out / "concepts" / c["folder"]), "words": " ".join(c["words"]),

@@ -21,7 +21,12 @@ from server.fuse import fuse, read_source
 from shared.base import Base
 from shared.checkpoints import get_manifest, latest, pull
 from shared.errors import UserError
-from shared.fused_model import CONCEPTS_FILE, read_concepts
+from shared.fused_model import (
+    BARRED_KEY,
+    CONCEPTS_FILE,
+    operator_removals,  # noqa: F401 (the membership rules read it from here too)
+    read_concepts,
+)
 from shared.package import META_FILE, PACKAGE_FILES
 from shared.storage import Store
 
@@ -43,26 +48,14 @@ class Previous:
         if name is None or get_manifest(store, name).base_fingerprint != fingerprint:
             return cls()
         pull(store, folder, name, with_state=True, trust=trust)
-        info = read_concepts(folder)
-        return cls(name, folder, list(info["concepts"]), operator_removals(info, f"{name}/{CONCEPTS_FILE}"))
+        info = read_concepts(folder)  # checked there, the operator's removals too
+        return cls(name, folder, list(info["concepts"]), info[BARRED_KEY])
 
     def owned_by(self, node: str) -> dict | None:
         return next((r for r in self.records if str(r.get("client", "")) == node), None)
 
     def named(self, name: str) -> dict | None:
         return next((r for r in self.records if r["name"] == name), None)
-
-
-BARRED_KEY = "removed_by_operator"
-
-
-def operator_removals(info: dict, where: str) -> list[dict]:
-    """The version's record of concepts the operator removed (carried from version to version), checked."""
-    barred = info.get(BARRED_KEY, [])
-    if not isinstance(barred, list) or not all(isinstance(b, dict) and isinstance(b.get("name"), str) and
-                                               isinstance(b.get("client"), str) for b in barred):
-        raise UserError(f"{where}: {BARRED_KEY} must be a list of {{name, client}} objects")
-    return barred
 
 
 def record_operator_removals(folder: Path, barred: list[dict]) -> None:
@@ -115,13 +108,14 @@ class Changes:
     def remove_by_operator(self, name: str) -> None:
         if name in self.removed:
             return
-        if self.previous.named(name) is None:
+        record = self.previous.named(name)
+        if record is None:
             have = ", ".join(r["name"] for r in self.previous.records) or "none"
             raise UserError(f"remove {name!r}: the latest version {self.previous.version or '(none)'} has no concept "
                             f"of that name (it has: {have})")
         self.removed.append(name)
         # barred from coming back: its node, still connected, would otherwise upload it again next round
-        self.barred.append({"name": name, "client": str(self.previous.named(name).get("client", ""))})
+        self.barred.append({"name": name, "client": str(record.get("client", ""))})
 
     def take(self, node: str, manifest: pb.ConceptManifest, store: Store, round_id: str, base: Base,
              folder: Path, max_bytes: float) -> str:

@@ -79,7 +79,20 @@ def parse_concepts(data: object, where: str) -> dict:
         if c["name"] in names:
             raise UserError(f"{where}: concept {c['name']!r} appears twice")
         names.add(c["name"])
+    data[BARRED_KEY] = operator_removals(data, where)
     return data
+
+
+BARRED_KEY = "removed_by_operator"  # a round's record of the concepts the operator removed, carried forward
+
+
+def operator_removals(info: dict, where: str) -> list[dict]:
+    """The version's record of concepts the operator removed ({name, client} each), checked; [] when none."""
+    barred = info.get(BARRED_KEY, [])
+    if not isinstance(barred, list) or not all(isinstance(b, dict) and isinstance(b.get("name"), str) and
+                                               isinstance(b.get("client"), str) for b in barred):
+        raise UserError(f"{where}: {BARRED_KEY} must be a list of {{name, client}} objects")
+    return [{"name": b["name"], "client": b["client"]} for b in barred]
 
 
 def read_concepts(folder: Path) -> dict:
