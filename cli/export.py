@@ -20,7 +20,7 @@ def run(model: Path = typer.Option(None, "--model", help="a FUSED folder (its fu
 
     from shared.atomic import check_fresh_output, staged_dir
     from shared.errors import UserError
-    from shared.exchange import LORA_NAMES, exported
+    from shared.exchange import EMBEDDING_KINDS, LORA_NAMES, exported, split_lora_and_embeddings
     from shared.fused_model import LORA_FILE, read_fused_lora
     from shared.package import read_package
     from shared.tensor_files import save_tensors
@@ -30,15 +30,16 @@ def run(model: Path = typer.Option(None, "--model", help="a FUSED folder (its fu
     check_fresh_output(out, "out")
     if model is not None:
         info, tensors = read_fused_lora(Path(model) / LORA_FILE)
-        lora = {k: v for k, v in tensors.items() if not k.startswith("emb.")}
-        words = [(c["name"], [tensors[f"emb.{q}"] for q in c["tokens"]]) for c in info["concepts"]]
+        concepts = [(c["name"], list(c["tokens"])) for c in info["concepts"]]
         scale, source = 1.0, f"fused model {model}"
     else:
         meta, tensors = read_package(concept)
-        lora = {k: v for k, v in tensors.items() if not k.startswith("emb.")}
-        words = [(meta.name, [tensors[f"emb.{w}"] for w in meta.words])]
+        concepts = [(meta.name, meta.words)]
         scale, source = meta.lora_scale, f"package {concept}"
-    lora_out, embeddings = exported(lora, scale, words, fmt, collapse)
+    lora, sdxl = split_lora_and_embeddings(tensors)
+    kinds = EMBEDDING_KINDS[:1 + sdxl]
+    words = [(name, {kind: [tensors[f"{kind}.{w}"] for w in ws] for kind in kinds}) for name, ws in concepts]
+    lora_out, embeddings = exported(lora, scale, words, fmt, collapse, sdxl)
     with staged_dir(out) as stage:
         save_tensors(stage / LORA_NAMES[fmt], lora_out, {"format": "pt", "mixshow_source": source})
         lines = [f"LoRA: {LORA_NAMES[fmt]} ({fmt} keys{', alpha = scale x rank' if fmt == 'kohya' else ''}), "
@@ -48,8 +49,12 @@ def run(model: Path = typer.Option(None, "--model", help="a FUSED folder (its fu
                  "every cross-attention layer the same text embedding.", "", "Trigger words to type:"]
         for name, tensors_ti in embeddings.items():
             save_tensors(stage / "embeddings" / f"{name}.safetensors", tensors_ti, {"mixshow_collapse": collapse})
+            loader = (f"pipe.load_textual_inversion(file, token='<{name}>')" if not sdxl else
+                      f"pipe.load_textual_inversion(state['clip_l'], token='<{name}>', text_encoder=pipe.text_encoder, "
+                      f"tokenizer=pipe.tokenizer) and the same with state['clip_g'], pipe.text_encoder_2, "
+                      "pipe.tokenizer_2")
             lines.append(f"  {name}   (AUTOMATIC1111: embeddings/{name}.safetensors, type '{name}'; ComfyUI: "
-                         f"'embedding:{name}'; diffusers: pipe.load_textual_inversion(file, token='<{name}>'))")
+                         f"'embedding:{name}'; diffusers: {loader})")
         (stage / "triggers.txt").write_text("\n".join(lines) + "\n")
     print(f"exported {len(embeddings)} concept(s) from {source} to {out} ({fmt}); trigger words in "
           f"{out / 'triggers.txt'}")

@@ -3,11 +3,12 @@ as a plain-LoRA concept package, so it gets statistics and fuses with ED-LoRA co
 
 The file is put on the base by diffusers' own `load_lora_weights` (which converts kohya keys and reads
 their alphas); every layer it adapted is then read back from PEFT with its scale. The layers mixshow's
-packages carry (attention projections of the UNet and the text encoder) become the package's LoRA, their
-scale folded into the up matrices and lower ranks zero-padded to the largest (the same products). The
-others (resnet convolutions, feed-forward, projections) are dropped and reported, each with its share of
-the LoRA's total update norm. The trigger words become the concept's words, new tokens initialised from
-the class word; a word the tokenizer already knows is refused.
+packages carry (attention projections of the UNet and the text encoder, on SDXL of both text encoders)
+become the package's LoRA, their scale folded into the up matrices and lower ranks zero-padded to the
+largest (the same products). The others (resnet convolutions, feed-forward, projections) are dropped and
+reported, each with its share of the LoRA's total update norm. The trigger words become the concept's
+words, new tokens initialised from the class word (in each text encoder); a word a tokenizer already
+knows is refused.
 """
 
 from __future__ import annotations
@@ -85,12 +86,14 @@ def import_lora(file: Path, base: Path | Base, words: list[str], class_word: str
         raise InvalidArgument("trigger", "is empty: give the concept's trigger words, e.g. '<ohwx>'")
     tensors = read_lora_file(file)
     if not isinstance(base, Base):
-        base = load_base(base, "cpu", torch.float32, base_config)
+        base = load_base(base, "cpu", torch.float32, base_config, sdxl=True)
     try:
-        check_new_words(base.tokenizer, words, 1, base.source)
+        for _, tokenizer, _ in base.text_models():
+            check_new_words(tokenizer, words, 1, base.source)
     except InvalidArgument as exc:
         raise InvalidArgument("trigger", exc.message) from None
-    class_row = class_word_embedding(base.tokenizer, base.text_encoder, class_word).float().cpu()
+    class_rows = {prefix: class_word_embedding(tokenizer, encoder, class_word).float().cpu()
+                  for prefix, tokenizer, encoder in base.text_models()}
     pipe = base.pipeline()
     try:
         pipe.load_lora_weights(dict(tensors), adapter_name=ADAPTER)
@@ -102,8 +105,8 @@ def import_lora(file: Path, base: Path | Base, words: list[str], class_word: str
     except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{file} does not fit the base {base.source} (or its key layout is not one diffusers "
                         f"reads): {' '.join(str(exc).split())[:300]}") from exc
-    layers = {f"unet.{k}": v for k, v in adapted_layers(base.unet).items()}
-    layers.update({f"text_encoder.{k}": v for k, v in adapted_layers(base.text_encoder).items()})
+    models = [("unet", base.unet)] + [(prefix, encoder) for prefix, _, encoder in base.text_models()]
+    layers = {f"{prefix}.{k}": v for prefix, model in models for k, v in adapted_layers(model).items()}
     if not layers:
         raise UserError(f"no layer of {file} matched the base {base.source}: an unknown key layout, or a LoRA for "
                         "another kind of model")
@@ -120,13 +123,19 @@ def import_lora(file: Path, base: Path | Base, words: list[str], class_word: str
         package[f"{qual}.lora_A.weight"] = torch.cat([a, a.new_zeros(rank - r, a.shape[1])]).contiguous()
         package[f"{qual}.lora_B.weight"] = torch.cat([b * scale, b.new_zeros(b.shape[0], rank - r)], 1).contiguous()
     n_layers = len(cross_attention_layers(base.unet))
-    for word in words:
-        package[f"emb.{word}"] = class_row.expand(n_layers, -1).contiguous()
+    for prefix, row in class_rows.items():
+        key = "emb" if prefix == "text_encoder" else "emb_2"
+        for word in words:
+            package[f"{key}.{word}"] = row.expand(n_layers, -1).contiguous()
+
+    def modules(prefix: str) -> list[str]:
+        return sorted(q.split(".", 1)[1] for q in keep if q.split(".", 1)[0] == prefix)
+
     report = ImportReport(len(keep), dropped, rank)
     meta = ConceptMeta(name=name, words=list(words), class_word=class_word, n_layers=n_layers, layerwise=False,
                        rank=rank, alpha=float(rank),
-                       unet_modules=sorted(q.split(".", 1)[1] for q in keep if q.startswith("unet.")),
-                       text_modules=sorted(q.split(".", 1)[1] for q in keep if q.startswith("text_encoder.")),
+                       unet_modules=modules("unet"), text_modules=modules("text_encoder"),
+                       encoders=len(class_rows), text_modules_2=modules("text_encoder_2"),
                        prompt_templates=list(TEMPLATES), base_fingerprint=base.fingerprint,
                        training={"resolution": native_resolution(base), "imported_from": Path(file).name,
                                  "kept_layers": len(keep), "dropped_layers": len(dropped),

@@ -17,31 +17,38 @@ import torch
 from diffusers import DDPMScheduler
 
 from shared.base import Base, load_base
-from shared.edlora import LayerwiseTextEncoder
+from shared.edlora import LayerwiseTextEncoder, LayerwiseTextEncoderXL, added_conditions
 from shared.errors import InvalidArgument, UserError
 from shared.fused_model import expand_prompt, load_fused
 from shared.lora import lora_scale
 from shared.package import apply_concept, read_package
-from shared.sampling import check_setting, check_size, generate
+from shared.sampling import check_setting, check_size, encode_prompts, generate
+
+TextEncoder = LayerwiseTextEncoder | LayerwiseTextEncoderXL
 
 TIMESTEPS = (99, 299, 499, 699, 899)
 
 
-def sample_latents(base: Base, encoder: LayerwiseTextEncoder, prompts: list[str], resolution: int, seed: int,
+def sample_latents(base: Base, encoder: TextEncoder, prompts: list[str], resolution: int, seed: int,
                    steps: int = 20) -> torch.Tensor:
     """Clean latents x0 the single-concept model generates for its prompts (the evaluation's inputs)."""
     return generate(base, encoder, prompts, seed=seed, steps=steps, height=resolution, width=resolution,
                     output_type="latent")
 
 
-def _noise_predictions(base: Base, states: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """ε predictions at every evaluation timestep for x_t = add_noise(x0, noise_t, t)."""
+def _noise_predictions(base: Base, encoder: TextEncoder, prompts: list[str], clean: torch.Tensor,
+                       noise: torch.Tensor, resolution: int) -> torch.Tensor:
+    """ε predictions at every evaluation timestep for x_t = add_noise(x0, noise_t, t), the prompts encoded by
+    `encoder` (on SDXL with their pooled embeddings and the size micro-conditioning)."""
+    states, pooled = encode_prompts(encoder, prompts)
+    dtype = base.unet.dtype
+    added = added_conditions(pooled, resolution, resolution, clean.device, dtype)
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
     outs = []
     for t, eps in zip(TIMESTEPS, noise):
         timesteps = torch.full((clean.shape[0],), t, device=clean.device)
         x_t = scheduler.add_noise(clean, eps, timesteps)
-        outs.append(base.unet(x_t, t, states.to(base.unet.dtype)).sample.float())
+        outs.append(base.unet(x_t, t, states.to(dtype), added_cond_kwargs=added).sample.float())
     return torch.stack(outs)
 
 
@@ -90,7 +97,7 @@ def fidelity(models: list[Path], packages: list[Path], base_path: Path | None = 
         base_path = Path(read_concepts(models[0])["base"])
     results: dict[str, dict[str, float]] = {}
     for package, meta, resolution in checked:
-        single = load_base(base_path, device, dtype)
+        single = load_base(base_path, device, dtype, sdxl=True)
         try:
             check_size(single, resolution, resolution, ("resolution", "resolution"))
         except InvalidArgument as exc:
@@ -100,10 +107,9 @@ def fidelity(models: list[Path], packages: list[Path], base_path: Path | None = 
         clean = sample_latents(single, single_encoder, prompts, resolution, seed)
         gen = torch.Generator().manual_seed(seed + 1)
         noise = torch.randn((len(TIMESTEPS), *clean.shape), generator=gen).to(device, dtype)
-        states = single_encoder.encode(prompts)
-        eps_single = _noise_predictions(single, states, clean, noise)
-        with lora_scale([single.unet, single.text_encoder], 0.0):
-            eps_base = _noise_predictions(single, single_encoder.encode(prompts), clean, noise)
+        eps_single = _noise_predictions(single, single_encoder, prompts, clean, noise, resolution)
+        with lora_scale([single.unet] + [encoder for _, _, encoder in single.text_models()], 0.0):
+            eps_base = _noise_predictions(single, single_encoder, prompts, clean, noise, resolution)
         reference = (eps_single - eps_base).norm()
         if not bool(torch.isfinite(reference)) or float(reference) == 0.0:
             raise UserError(f"concept package {package}: its LoRA does not change the base's noise predictions "
@@ -115,7 +121,7 @@ def fidelity(models: list[Path], packages: list[Path], base_path: Path | None = 
                 results[meta.name][label] = float("nan")  # this model does not hold the concept
                 continue
             text = [t.replace("{}", f"<{meta.name}>") for t in meta.prompt_templates]
-            fused_states = encoder.encode([expand_prompt(p, concepts) for p in text])
-            eps = _noise_predictions(base, fused_states, clean, noise)
+            eps = _noise_predictions(base, encoder, [expand_prompt(p, concepts) for p in text], clean, noise,
+                                     resolution)
             results[meta.name][label] = float((eps - eps_single).norm() / reference)
     return results

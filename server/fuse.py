@@ -42,6 +42,7 @@ from shared.package import (
     ConceptMeta,
     check_against_base,
     fill_template,
+    layerwise_encoder,
     read_package,
 )
 from shared.sampling import generate
@@ -369,28 +370,32 @@ def balanced_factors(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -
 
 def preservation_grams(base: Base, sites: dict[str, dict[str, list[str]]], n: int, resolution: int,
                        steps: int = 20) -> dict[str, torch.Tensor]:
-    """Ĝ of `n` generic prompts through the base model, at every client-side site (target: W0)."""
-    plain = LayerwiseTextEncoder(base.tokenizer, base.text_encoder, TokenMap(len(cross_attention_layers(base.unet))))
+    """Ĝ of `n` generic prompts through the base model, at every client-side site (target: W0): the text
+    encoders' (both on SDXL) while the prompts are encoded, the UNet's while the base samples them."""
+    plain = layerwise_encoder(base, TokenMap(len(cross_attention_layers(base.unet))))
     prompts = list(GENERIC_PROMPTS[:n])
+    models = [(prefix, encoder) for prefix, _, encoder in base.text_models()]
     out = {}
-    with torch.no_grad():
-        for model_name, model in (("text_encoder", base.text_encoder), ("unet", base.unet)):
-            with GramRecorder(model, list(sites[model_name])) as rec:
-                if model_name == "text_encoder":
-                    plain.encode(prompts)
-                else:
-                    generate(base, plain, prompts, steps=steps, height=resolution, width=resolution)
-            out.update({f"{model_name}.{s}": rec.grams[s] / rec.rows[s] for s in rec.grams})
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        recorders = {prefix: stack.enter_context(GramRecorder(model, list(sites.get(prefix, {}))))
+                     for prefix, model in models}
+        plain.encode(prompts)
+        with GramRecorder(base.unet, list(sites.get("unet", {}))) as unet_recorder:
+            generate(base, plain, prompts, steps=steps, height=resolution, width=resolution)
+        for prefix, rec in {**recorders, "unet": unet_recorder}.items():
+            out.update({f"{prefix}.{s}": rec.grams[s] / rec.rows[s] for s in rec.grams})
     return out
 
 
 def client_sites_of(sources: list[Source]) -> dict[str, dict[str, list[str]]]:
-    sites: dict[str, dict[str, list[str]]] = {"text_encoder": {}, "unet": {}}
+    """{model prefix: {site: its adapted modules}} of the client-side sites of `sources` (the text encoders'
+    and the UNet's layers whose input the client records)."""
+    sites: dict[str, dict[str, list[str]]] = {}
     for src in sources:
-        for model, modules in (("text_encoder", src.meta.text_modules), ("unet", src.meta.unet_modules)):
+        for model, modules in src.meta.lora_groups():
             for module in modules:
                 if not is_text_side(module):
-                    sites[model].setdefault(site_of(module), []).append(module)
+                    sites.setdefault(model, {}).setdefault(site_of(module), []).append(module)
     return sites
 
 
@@ -437,8 +442,6 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
         if value is not None and value not in OUTPUT_DTYPES:
             raise InvalidArgument(argument, f"{value} is not one of float16, bfloat16, float32")
     base = load_base(base_path, device, dtype, base_config, sdxl=True)
-    if preserve and base.arch == "sdxl":
-        raise InvalidArgument("preserve", "the preservation prompts are not built for SDXL bases yet; use 0")
     need_stats = method == "gradient"
     dims = module_dims(base)
     state, records = FusionState(), []

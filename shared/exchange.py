@@ -6,8 +6,9 @@ A mixshow LoRA (a package's, scale alpha/rank; a fused model's, scale 1) is keye
 `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` (`lora_te_` for SD 1.x's text encoder,
 `lora_te1_` / `lora_te2_` for SDXL's two) with `.alpha` = scale x rank; diffusers' own format is the PEFT
 keys with the `unet.` / `text_encoder.` prefixes. A textual-inversion file holds one embedding per
-trigger word; layer-wise tokens have one per cross-attention layer, so the export collapses each word's
-layer tokens into one vector (see `collapse`).
+trigger word (on SDXL two, `clip_l` and `clip_g`, for its two text encoders, as AUTOMATIC1111 and
+ComfyUI read SDXL embeddings); layer-wise tokens have one per cross-attention layer, so the export collapses
+each word's layer tokens into one vector (see `collapse`).
 """
 
 from __future__ import annotations
@@ -49,15 +50,33 @@ def collapse(rows: torch.Tensor, how: str = "mean") -> torch.Tensor:
     return rows[rows.shape[0] // 2]
 
 
-def textual_inversion(words_rows: list[torch.Tensor], how: str = "mean") -> dict[str, torch.Tensor]:
-    """A textual-inversion file's tensors in the layout AUTOMATIC1111 and ComfyUI read (`emb_params`:
-    one row per vector of the trigger word; diffusers' `load_textual_inversion` reads it too)."""
-    return {"emb_params": torch.stack([collapse(r.float(), how) for r in words_rows]).contiguous()}
+EMBEDDING_KINDS = ("emb", "emb_2")  # package / fused-LoRA key prefixes of the first and second text encoder
+SDXL_EMBEDDING_KEYS = {"emb": "clip_l", "emb_2": "clip_g"}  # their keys in an SDXL textual-inversion file
 
 
-def exported(source_lora: dict[str, torch.Tensor], scale: float, concepts: list[tuple[str, list[torch.Tensor]]],
-             fmt: str, how: str, sdxl: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """(LoRA tensors in `fmt`, {trigger: textual-inversion tensors}) for a LoRA and its concepts' word rows."""
+def textual_inversion(rows_by_kind: dict[str, list[torch.Tensor]], how: str = "mean") -> dict[str, torch.Tensor]:
+    """A textual-inversion file's tensors in the layout AUTOMATIC1111 and ComfyUI read: `emb_params` (one row
+    per vector of the trigger word) for one text encoder, `clip_l` + `clip_g` on SDXL; diffusers'
+    `load_textual_inversion` reads both (on SDXL once per encoder, given that encoder's tensor)."""
+    def stacked(rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([collapse(r.float(), how) for r in rows]).contiguous()
+
+    if set(rows_by_kind) == {"emb"}:
+        return {"emb_params": stacked(rows_by_kind["emb"])}
+    return {SDXL_EMBEDDING_KEYS[kind]: stacked(rows) for kind, rows in rows_by_kind.items()}
+
+
+def split_lora_and_embeddings(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """(the LoRA tensors without the word rows, whether they are an SDXL model's: rows for two encoders)."""
+    lora = {k: v for k, v in tensors.items() if not k.startswith(tuple(f"{kind}." for kind in EMBEDDING_KINDS))}
+    return lora, any(k.startswith("emb_2.") for k in tensors)
+
+
+def exported(source_lora: dict[str, torch.Tensor], scale: float,
+             concepts: list[tuple[str, dict[str, list[torch.Tensor]]]], fmt: str, how: str,
+             sdxl: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(LoRA tensors in `fmt`, {trigger: textual-inversion tensors}) for a LoRA and its concepts' word rows
+    ({"emb": rows per word, on SDXL also "emb_2": ...})."""
     if fmt not in FORMATS:
         raise InvalidArgument("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
     lora = to_kohya(source_lora, scale, sdxl) if fmt == "kohya" else to_diffusers(source_lora, scale)

@@ -1,5 +1,6 @@
 """SDXL-shaped bases: the tiny SDXL folder is a real diffusers SDXL pipeline, the one loader recognises it and
-fingerprints both text encoders, and the verbs that do not handle SDXL yet refuse it clearly."""
+fingerprints both text encoders, and every stage (training, statistics, fusion, sampling, conditions, import,
+export, evaluation) runs on it with the properties the SD 1.x suite checks."""
 
 from __future__ import annotations
 
@@ -416,3 +417,89 @@ def test_sdxl_conditions_t2i_adapter_and_controlnet(sdxl_base, sdxl_fused, tmp_p
     assert slots and all(isinstance(own[n], LayerSliceProcessor) and slots[n] == (own[n].index, own[n].n_layers)
                          for n in slots)
     assert len({s for s, _ in slots.values()}) < len(slots)  # one token per attention module: blocks share slots
+
+
+def test_sdxl_export_kohya_lora_and_two_encoder_embeddings_load_in_diffusers(sdxl_base, sdxl_fused, tmp_path,
+                                                                             monkeypatch, capsys):
+    """`mixshow export` of a fused SDXL model: kohya keys with lora_te1_ / lora_te2_ that diffusers' SDXL loader
+    puts on the base as the fused folder's weights; each concept's embedding file holds clip_l and clip_g rows
+    that load into their own text encoder."""
+    from safetensors.torch import load_file
+
+    from shared.exchange import collapse
+    from shared.fused_model import read_fused_lora
+    from tests.badinput import run_mixshow
+
+    out = tmp_path / "kohya"
+    code, _, err = run_mixshow(["export", "--model", sdxl_fused, "--out", out], monkeypatch, capsys)
+    assert code == 0, err
+    keys = load_file(str(out / "lora.safetensors"))
+    assert {k.split("_", 2)[1] for k in keys} == {"unet", "te1", "te2"}, sorted(keys)[:3]
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_base, local_files_only=True)
+    pipe.load_lora_weights(str(out), weight_name="lora.safetensors")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    folder = StableDiffusionXLPipeline.from_pretrained(sdxl_fused, local_files_only=True)
+    info, tensors = read_fused_lora(sdxl_fused / "fused_lora.safetensors")
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        adapted = sorted({k[len(name) + 1:].rsplit(".lora_", 1)[0] + ".weight" for k in tensors
+                          if k.startswith(f"{name}.") and ".lora_A." in k})
+        ours, theirs = dict(getattr(pipe, name).named_parameters()), dict(getattr(folder, name).named_parameters())
+        assert adapted and max(float((ours[k] - theirs[k]).norm() / theirs[k].norm()) for k in adapted) <= 1e-5
+    for concept in info["concepts"]:
+        name = concept["name"]
+        state = load_file(str(out / "embeddings" / f"{name}.safetensors"))
+        assert set(state) == {"clip_l", "clip_g"}
+        for key, kind, encoder, tokenizer in (("clip_l", "emb", pipe.text_encoder, pipe.tokenizer),
+                                              ("clip_g", "emb_2", pipe.text_encoder_2, pipe.tokenizer_2)):
+            pipe.load_textual_inversion(state[key], token=f"<{name}>", text_encoder=encoder, tokenizer=tokenizer)
+            table = encoder.get_input_embeddings().weight
+            ids = tokenizer.convert_tokens_to_ids([f"<{name}>"] + [f"<{name}>_{i}" for i in
+                                                                   range(1, len(concept["tokens"]))])
+            for row, q in zip(ids, concept["tokens"]):
+                assert torch.allclose(table[row], collapse(tensors[f"{kind}.{q}"].float()).to(table), atol=1e-6)
+
+
+def test_sdxl_end_to_end_fidelity_of_a_fused_model(sdxl_base, sdxl_packages, sdxl_fused, tmp_path):
+    """`eval fidelity` on SDXL (both encoders' states, the pooled embedding and the size conditioning fed to the
+    UNet): each concept of the fused model predicts noise nearer its own single-concept model than the base does
+    (ratio < 1), and a model without a concept reports none for it."""
+    from sample.evaluation import fidelity
+    from server.fuse import fuse
+
+    one = tmp_path / "red-only"
+    fuse(sdxl_base, sdxl_packages[:1], one, show_progress=False, lora_dtype=torch.float32)
+    results = fidelity([sdxl_fused, one], sdxl_packages, sdxl_base)
+    assert set(results) == {"red-circle", "blue-square"}
+    for name, row in results.items():
+        assert 0 < row["both"] < 1, (name, row)
+    assert 0 < results["red-circle"]["red-only"] < 1 and results["blue-square"]["red-only"] != \
+        results["blue-square"]["red-only"]  # NaN: that model lacks the concept
+
+
+def test_sdxl_preservation_prompts_keep_generic_prompts_closer_to_the_base(sdxl_base, sdxl_packages, sdxl_fused,
+                                                                           tmp_path):
+    """`fuse --preserve N` on SDXL: the generic prompts' Grams, recorded in both text encoders and the UNet,
+    keep their text states (both encoders, and the pooled embedding) nearer the base's than plain fusion."""
+    from server.fuse import GENERIC_PROMPTS, fuse
+    from shared.edlora import TokenMap
+    from shared.package import layerwise_encoder
+
+    kept = tmp_path / "kept"
+    fuse(sdxl_base, sdxl_packages, kept, preserve=4, show_progress=False, lora_dtype=torch.float32)
+
+    def encode(folder):
+        base = load_base(folder, sdxl=True)
+        with torch.no_grad():
+            states, pooled = layerwise_encoder(base, TokenMap(1)).encode_with_pooled(list(GENERIC_PROMPTS[:4]))
+        return states, pooled
+
+    reference = encode(sdxl_base)
+    width = load_base(sdxl_base, sdxl=True).text_encoder.config.hidden_size
+    drift = {}
+    for name, folder in (("plain", sdxl_fused), ("preserve", kept)):
+        states, pooled = encode(folder)
+        gap = states - reference[0]
+        drift[name] = (float(gap[..., :width].norm()), float(gap[..., width:].norm()),
+                       float((pooled - reference[1]).norm()))
+    assert all(p < q for p, q in zip(drift["preserve"], drift["plain"])), drift
