@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +25,9 @@ from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 def rss_mib() -> float:
@@ -83,7 +87,30 @@ def child(n: int, steps: int, work: Path) -> dict:
     during = [mib for t, mib in sampler.samples if t >= begin]
     return {"clients": n, "published": result["published"], "wall_s": round(end - start, 1),
             "server_s": result.get("server_seconds", {}), "rss_before_mib": round(before[-1] if before else 0, 1),
-            "peak_above_mib": round(max(during, default=0) - (before[-1] if before else 0), 1)}
+            "peak_above_mib": round(max(during, default=0) - (before[-1] if before else 0), 1),
+            **state_bytes(work / "store")}
+
+
+def state_bytes(store: Path) -> dict:
+    """MiB of the published fusion state's per-site sums S (independent of N) and of its per-concept terms
+    (each concept's LoRA factors and A·Ĝ rows, float64: what an incremental fusion must keep, O(N)), and of the
+    published fused LoRA (rank N·r)."""
+    from safetensors import safe_open
+
+    from shared.fused_model import LORA_FILE, STATE_FILE
+
+    sizes = {"state_S_mib": 0.0, "state_terms_mib": 0.0, "fused_lora_mib": 0.0}
+    states = sorted(store.rglob(STATE_FILE))
+    if states:
+        with safe_open(str(states[-1]), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                part = f.get_slice(key)
+                kind = "state_S_mib" if key.startswith("S.") else "state_terms_mib"
+                sizes[kind] += math.prod(part.get_shape()) * ITEM_BYTES[part.get_dtype()] / 2**20
+    loras = sorted(store.rglob(LORA_FILE))
+    if loras:
+        sizes["fused_lora_mib"] = loras[-1].stat().st_size / 2**20
+    return {k: round(v, 2) for k, v in sizes.items()}
 
 
 def main() -> None:
@@ -109,8 +136,10 @@ def main() -> None:
             print(f"{n:3d} clients, {args.steps} steps each: round {r['wall_s']:.0f} s wall; server's own work "
                   f"{work:.1f} s (verify {r['server_s'].get('verify', 0):.1f} + fuse {r['server_s'].get('fuse', 0):.1f}"
                   f" + publish {r['server_s'].get('publish', 0):.1f}); server peak memory +{r['peak_above_mib']:.0f} "
-                  f"MiB over {r['rss_before_mib']:.0f} MiB resident before its work; published {r['published']}",
-                  flush=True)
+                  f"MiB over {r['rss_before_mib']:.0f} MiB resident before its work; published {r['published']}; "
+                  f"its fusion state: per-site sums {r['state_S_mib']:.1f} MiB, per-concept terms "
+                  f"{r['state_terms_mib']:.1f} MiB ({1024 * r['state_terms_mib'] / n:.0f} KiB per client); fused "
+                  f"LoRA {r['fused_lora_mib']:.1f} MiB", flush=True)
 
 
 if __name__ == "__main__":
