@@ -93,3 +93,11 @@ def test_a_paused_and_resumed_shapes_base_training_ends_like_one_run(tmp_path):
     for part in ("unet", "text_encoder", "vae"):
         a, b = (load_file(str(next((tmp_path / run / part).glob("*.safetensors")))) for run in ("straight", "resumed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    # resuming a pause on another schedule length would silently continue another run: refused
+    import dataclasses
+
+    from shared.errors import UserError
+
+    make_shapes_base(tmp_path / "other", cfg, show_progress=False, stop_at_step=3)
+    with pytest.raises(UserError, match="made for a 5-step schedule, not 7"):
+        make_shapes_base(tmp_path / "other", dataclasses.replace(cfg, steps=7), show_progress=False)

@@ -29,6 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from shared.atomic import staged_dir, write_bytes_atomic
 from shared.clip_vocab import write_tokenizer_files
+from shared.errors import UserError
 from shared.validate import number
 from world.scenes import caption_variants, random_scene, render, world_words
 
@@ -267,6 +268,10 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
     ckpt = Checkpoint(work, "unet")
     gen = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps and caption dropout, restored on resume
     state = ckpt.load({"unet": unet, "text_encoder": text_encoder}, optimizer, gen) or {"step": 0, "losses": []}
+    made_for = state.get("schedule_steps", cfg.steps)
+    if made_for != cfg.steps:  # the learning rate's cosine runs over cfg.steps: another length is another run
+        raise UserError(f"the UNet checkpoint in {work} was made for a {made_for}-step schedule, not {cfg.steps}; "
+                        f"resume with --steps {made_for}, or give a new --work folder to start again")
     losses: list[float] = state["losses"]
     noise_scheduler = DDPMScheduler.from_config(sd_scheduler().config)
     last = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
@@ -301,8 +306,10 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
             step += 1
             progress.update(task, completed=step, loss=f"{np.mean(losses[-50:]):.4f}")
             if step % cfg.checkpoint_every == 0:
-                ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step, {"losses": losses}, gen)
-    ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step, {"losses": losses}, gen)
+                ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step,
+                          {"losses": losses, "schedule_steps": cfg.steps}, gen)
+    ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step,
+              {"losses": losses, "schedule_steps": cfg.steps}, gen)
     return {"steps": step, "final_loss": float(np.mean(losses[-100:])) if losses else None}
 
 
