@@ -20,9 +20,9 @@ def run(model: Path = typer.Option(None, "--model", help="a FUSED folder (its fu
 
     from shared.atomic import check_fresh_output, staged_dir
     from shared.errors import UserError
-    from shared.exchange import EMBEDDING_KINDS, LORA_NAMES, exported, split_lora_and_embeddings
+    from shared.exchange import LORA_NAMES, exported, split_lora_and_embeddings
     from shared.fused_model import LORA_FILE, read_fused_lora
-    from shared.package import read_package
+    from shared.package import EMBEDDING_KINDS, read_package
     from shared.tensor_files import save_tensors
 
     if (model is None) == (concept is None):

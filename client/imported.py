@@ -24,7 +24,7 @@ from shared.base import Base, load_base
 from shared.edlora import check_new_words, class_word_embedding, cross_attention_layers
 from shared.errors import InvalidArgument, UserError
 from shared.lora import TEXT_TARGETS, UNET_TARGETS
-from shared.package import ConceptMeta, save_package
+from shared.package import EMBEDDING_KINDS, ConceptMeta, save_package
 from shared.validate import check_tensors
 
 ADAPTER = "imported"
@@ -92,8 +92,8 @@ def import_lora(file: Path, base: Path | Base, words: list[str], class_word: str
             check_new_words(tokenizer, words, 1, base.source)
     except InvalidArgument as exc:
         raise InvalidArgument("trigger", exc.message) from None
-    class_rows = {prefix: class_word_embedding(tokenizer, encoder, class_word).float().cpu()
-                  for prefix, tokenizer, encoder in base.text_models()}
+    class_rows = [class_word_embedding(tokenizer, encoder, class_word).float().cpu()
+                  for _, tokenizer, encoder in base.text_models()]
     pipe = base.pipeline()
     try:
         pipe.load_lora_weights(dict(tensors), adapter_name=ADAPTER)
@@ -123,10 +123,9 @@ def import_lora(file: Path, base: Path | Base, words: list[str], class_word: str
         package[f"{qual}.lora_A.weight"] = torch.cat([a, a.new_zeros(rank - r, a.shape[1])]).contiguous()
         package[f"{qual}.lora_B.weight"] = torch.cat([b * scale, b.new_zeros(b.shape[0], rank - r)], 1).contiguous()
     n_layers = len(cross_attention_layers(base.unet))
-    for prefix, row in class_rows.items():
-        key = "emb" if prefix == "text_encoder" else "emb_2"
+    for kind, row in zip(EMBEDDING_KINDS, class_rows):
         for word in words:
-            package[f"{key}.{word}"] = row.expand(n_layers, -1).contiguous()
+            package[f"{kind}.{word}"] = row.expand(n_layers, -1).contiguous()
 
     def modules(prefix: str) -> list[str]:
         return sorted(q.split(".", 1)[1] for q in keep if q.split(".", 1)[0] == prefix)

@@ -119,7 +119,7 @@ def prepare_concept(base: Base, words: list[str], class_word: str, cfg: TrainCon
     if not unet_modules:
         raise UserError(f"unet_targets {cfg.unet_targets} match no linear layer of the base's UNet")
     torch.manual_seed(cfg.seed)  # PEFT initialises lora_A with the global RNG
-    models = [encoder for _, _, encoder in base.text_models()] + [base.unet]
+    models = [*base.text_encoders(), base.unet]
     for model, modules in zip(models, [*text_modules, unet_modules]):
         if modules:
             add_lora(model, modules, cfg.rank, cfg.alpha)
@@ -141,7 +141,7 @@ def sample_grid(concept: Concept, cfg: TrainConfig, path: Path, prompts: list[st
         emb.sync()
     columns = []
     for scale in cfg.sample_scales:
-        with lora_scale([base.unet, *(encoder for _, _, encoder in base.text_models())], scale):
+        with lora_scale([base.unet, *base.text_encoders()], scale):
             columns.append(generate(base, concept.encoder, prompts, seed=cfg.seed, steps=cfg.sample_steps,
                                     guidance=cfg.sample_guidance, height=cfg.resolution, width=cfg.resolution))
     rows = [[col[i] for col in columns] for i in range(len(prompts))]
@@ -165,7 +165,7 @@ class Trainer:
         # each text encoder's token rows: its own learning rate and norm limit (its own embedding scale when unset)
         self.rows = [(emb.rows, cfg.for_embeddings(*scale)) for _, emb, scale in concept.embeddings()]
         groups = [{"params": [rows], "lr": own.lr_embedding} for rows, own in self.rows]
-        text_models = [encoder for _, _, encoder in base.text_models()]
+        text_models = base.text_encoders()
         for model, lr in [*((m, self.cfg.lr_text) for m in text_models), (base.unet, self.cfg.lr_unet)]:
             if lora_parameters(model):
                 groups.append({"params": lora_parameters(model), "lr": lr})
@@ -353,7 +353,7 @@ def train_concept(base: Path | str | Base, data: Path, words: list[str], class_w
         shutil.rmtree(work)
     trainer = Trainer(concept, examples, cfg, gen)
     losses = trainer.run(work, identity, on_step, show_progress)
-    for model in (base.unet, *(encoder for _, _, encoder in base.text_models())):
+    for model in (base.unet, *base.text_encoders()):
         model.eval()
     with staged_dir(out) as stage:
         tensors = concept.tensors()

@@ -108,7 +108,7 @@ def fidelity(models: list[Path], packages: list[Path], base_path: Path | None = 
         gen = torch.Generator().manual_seed(seed + 1)
         noise = torch.randn((len(TIMESTEPS), *clean.shape), generator=gen).to(device, dtype)
         eps_single = _noise_predictions(single, single_encoder, prompts, clean, noise, resolution)
-        with lora_scale([single.unet] + [encoder for _, _, encoder in single.text_models()], 0.0):
+        with lora_scale([single.unet, *single.text_encoders()], 0.0):
             eps_base = _noise_predictions(single, single_encoder, prompts, clean, noise, resolution)
         reference = (eps_single - eps_base).norm()
         if not bool(torch.isfinite(reference)) or float(reference) == 0.0:

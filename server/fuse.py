@@ -36,6 +36,7 @@ from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, STATE_FIL
 from shared.fusion import DEFAULT_LAM, METHODS, Term, apply_lowrank, fuse_site
 from shared.grams import GramRecorder, group_sites, is_text_side, site_of
 from shared.package import (
+    EMBEDDING_KINDS,
     META_FILE,
     PACKAGE_FILES,
     WEIGHTS_FILE,
@@ -181,7 +182,7 @@ class Fusion:
         tmap = TokenMap(self.n_layers)
         for record in self.records:
             tmap.words.update(record["tokens"])
-        for (_, tokenizer, encoder), kind in zip(self.base.text_models(), ("emb", "emb_2")):
+        for (_, tokenizer, encoder), kind in zip(self.base.text_models(), EMBEDDING_KINDS):
             rows = {}
             for record, terms in zip(self.records, self.state.concepts):
                 for word, q in zip(record["words"], record["tokens"]):
@@ -334,7 +335,7 @@ class Fusion:
         for q, _names in self.token_map.words.items():
             record = next(r for r in self.records if q in r["tokens"])
             terms = next(c for c in self.state.concepts if c.name == record["name"])
-            for kind in ("emb", "emb_2")[:len(self.text64)]:
+            for kind in EMBEDDING_KINDS[:len(self.text64)]:
                 tensors[f"{kind}.{q}"] = getattr(terms, kind)[q.split("/", 1)[1]].to(lora_dtype).contiguous()
         save_tensors(stage / LORA_FILE, tensors, metadata={"format": "mixshow-fused-lora",
                                                            "concepts": json.dumps(concepts)})

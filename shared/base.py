@@ -84,6 +84,10 @@ class Base:
             models.append(("text_encoder_2", self.tokenizer_2, self.text_encoder_2))
         return models
 
+    def text_encoders(self) -> list[CLIPTextModel]:
+        """The text encoder(s) alone, in `text_models` order."""
+        return [encoder for _, _, encoder in self.text_models()]
+
     @property
     def device(self) -> torch.device:
         return self.unet.device

@@ -17,6 +17,7 @@ import torch
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
 from shared.errors import InvalidArgument
+from shared.package import EMBEDDING_KINDS
 
 COLLAPSES = ("mean", "middle")  # how layer-wise tokens become one embedding
 
@@ -50,7 +51,6 @@ def collapse(rows: torch.Tensor, how: str = "mean") -> torch.Tensor:
     return rows[rows.shape[0] // 2]
 
 
-EMBEDDING_KINDS = ("emb", "emb_2")  # package / fused-LoRA key prefixes of the first and second text encoder
 SDXL_EMBEDDING_KEYS = {"emb": "clip_l", "emb_2": "clip_g"}  # their keys in an SDXL textual-inversion file
 
 

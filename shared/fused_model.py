@@ -24,7 +24,7 @@ from shared.edlora import (
     install_layer_processors,
 )
 from shared.errors import UserError
-from shared.package import layerwise_encoder
+from shared.package import EMBEDDING_KINDS, layerwise_encoder
 from shared.validate import check_tensors, parse_json, read_json
 
 CONCEPTS_FILE, LORA_FILE = "concepts.json", "fused_lora.safetensors"
@@ -141,13 +141,13 @@ def read_fused_lora(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     info = parse_concepts(parse_json(meta.get("concepts", ""), f"the metadata of {path}"), f"the metadata of {path}")
     check_tensors(tensors, str(path), (torch.float32, torch.float16, torch.bfloat16))
     for key in tensors:
-        if key.startswith(("emb.", "emb_2.")):
+        if key.startswith(tuple(f"{kind}." for kind in EMBEDDING_KINDS)):
             continue
         pair = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(".lora_B.", ".lora_A.")
         if not key.endswith((".lora_A.weight", ".lora_B.weight")) or pair not in tensors or \
                 not key.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
             raise UserError(f"{path}: tensor {key!r} is not half of a LoRA pair of a text encoder or the UNet")
-    kinds = ("emb", "emb_2") if any(k.startswith("emb_2.") for k in tensors) else ("emb",)
+    kinds = EMBEDDING_KINDS if any(k.startswith("emb_2.") for k in tensors) else EMBEDDING_KINDS[:1]
     for c in info["concepts"]:
         for q in c["tokens"]:
             for kind in kinds:
@@ -165,14 +165,15 @@ def apply_fused_lora(base: Base, path: Path) -> tuple[LayerwiseTextEncoder, list
         raise UserError(f"{path} was fused on base {info['base_fingerprint'][:12]}, but {base.source} is "
                         f"{base.fingerprint[:12]}")
     tmap = token_map_of(info["concepts"], info["n_layers"])
-    kinds = ("emb", "emb_2")[:len(base.text_models())]
+    kinds = EMBEDDING_KINDS[:len(base.text_models())]
     if any(k.startswith("emb_2.") for k in tensors) != (len(kinds) == 2):
         raise UserError(f"{path} was fused for {'two text encoders' if len(kinds) == 1 else 'one text encoder'}, "
                         f"the base {base.source} has {len(kinds)}")
     for (_, tokenizer, encoder), kind in zip(base.text_models(), kinds):
         rows = {w: tensors[f"{kind}.{w}"][: len(names)] for w, names in tmap.words.items()}
         add_tokens(tokenizer, encoder, tmap, rows)
-    merge_lora_tensors(base, {k: v for k, v in tensors.items() if not k.startswith(("emb.", "emb_2."))}, str(path))
+    merge_lora_tensors(base, {k: v for k, v in tensors.items() if not k.startswith(tuple(f"{kind}." for kind in
+                                                                                       EMBEDDING_KINDS))}, str(path))
     install_layer_processors(base.unet, base.tokenizer.model_max_length, layout=token_layout(info, str(path)))
     return layerwise_encoder(base, tmap), info["concepts"]
 

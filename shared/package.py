@@ -40,6 +40,7 @@ from shared.tensor_files import save_tensors
 from shared.validate import check_tensors, read_json
 
 FORMAT_VERSION = 1
+EMBEDDING_KINDS = ("emb", "emb_2")  # key prefixes of a word's rows for the first and (SDXL) second text encoder
 META_FILE, WEIGHTS_FILE = "concept.json", "edlora.safetensors"
 PACKAGE_FILES = (META_FILE, WEIGHTS_FILE, STATS_FILE)  # what a client uploads, in this order
 DEFAULT_TEMPLATES = ("photo of a {}", "a {}", "a close-up of {}", "a good photo of the {}",
@@ -74,7 +75,7 @@ class ConceptMeta:
 
     def embedding_keys(self, word: str) -> list[str]:
         """The package keys of `word`'s rows: one per text encoder."""
-        return [f"emb.{word}"] + [f"emb_2.{word}"] * (self.encoders == 2)
+        return [f"{kind}.{word}" for kind in EMBEDDING_KINDS[:self.encoders]]
 
     def lora_groups(self) -> list[tuple[str, list[str]]]:
         """(model prefix, its adapted modules) for every model the package holds a LoRA of."""
@@ -256,8 +257,8 @@ def apply_concept(base: Base, folder: Path) -> tuple[ConceptMeta, LayerwiseTextE
     for _, tokenizer, _ in base.text_models():
         check_new_words(tokenizer, meta.words, meta.n_layers, base.source)
     token_map = token_map_for(meta)
-    for (_, tokenizer, encoder), suffix in zip(base.text_models(), ("", "_2")):
-        rows = {w: tensors[f"emb{suffix}.{w}"][: len(token_map.words[w])] for w in meta.words}
+    for (_, tokenizer, encoder), kind in zip(base.text_models(), EMBEDDING_KINDS):
+        rows = {w: tensors[f"{kind}.{w}"][: len(token_map.words[w])] for w in meta.words}
         add_tokens(tokenizer, encoder, token_map, rows)
     models = {"unet": base.unet} | {prefix: encoder for prefix, _, encoder in base.text_models()}
     try:

@@ -273,6 +273,11 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
         raise UserError(f"the UNet checkpoint in {work} was made for a {made_for}-step schedule, not {cfg.steps}; "
                         f"resume with --steps {made_for}, or give a new --work folder to start again")
     losses: list[float] = state["losses"]
+
+    def save(at: int) -> None:
+        ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, at,
+                  {"losses": losses, "schedule_steps": cfg.steps}, gen)
+
     noise_scheduler = DDPMScheduler.from_config(sd_scheduler().config)
     last = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
     lr_at: Callable[[int], float] = lambda s: cfg.lr * min(1.0, (s + 1) / max(1, cfg.warmup)) * \
@@ -306,10 +311,8 @@ def train_denoiser(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: 
             step += 1
             progress.update(task, completed=step, loss=f"{np.mean(losses[-50:]):.4f}")
             if step % cfg.checkpoint_every == 0:
-                ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step,
-                          {"losses": losses, "schedule_steps": cfg.steps}, gen)
-    ckpt.save({"unet": unet, "text_encoder": text_encoder}, optimizer, step,
-              {"losses": losses, "schedule_steps": cfg.steps}, gen)
+                save(step)
+    save(step)
     return {"steps": step, "final_loss": float(np.mean(losses[-100:])) if losses else None}
 
 
