@@ -33,7 +33,7 @@ from shared.edlora import (
 )
 from shared.errors import InvalidArgument, UserError
 from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, STATE_FILE, qualified, read_concepts
-from shared.fusion import DEFAULT_LAM, METHODS, Term, apply_lowrank, fuse_site
+from shared.fusion import DEFAULT_LAM, METHODS, LayerChanges, Term, apply_lowrank, fuse_site
 from shared.grams import GramRecorder, group_sites, is_text_side, site_of
 from shared.package import (
     EMBEDDING_KINDS,
@@ -156,7 +156,7 @@ class Fusion:
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float32 (the report)
         self.change: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float64, as solved
         self.w0: dict[str, torch.Tensor] = {}  # qual -> the base's weight before fusion (as loaded)
-        self._kv_rows: tuple[str, list[torch.Tensor]] = ("", [])  # one concept's k/v rows, for the report
+        self.kv_report: dict[str, dict[str, dict[str, float]]] = {}  # the report's k/v rows, by concept and layer
         self.show_progress = show_progress
 
     # -- the four steps ---------------------------------------------------------------------------------
@@ -265,22 +265,17 @@ class Fusion:
                 extra = preserve[k] / preserve[k].shape[0] ** 0.5
                 S = S + extra.T @ extra
             self.solve_site(f"unet.{site}", modules, S, grams, rows, extra)
+            self.report_kv_site(modules, grams)
             progress.advance(task)
 
-    @torch.no_grad()
-    def kv_gram(self, name: str, site: str) -> torch.Tensor | None:
-        """Ĝ of concept `name` at a cross-attention k/v site (`unet.<module>`), from its prompts through the fused
-        text encoder: the rows the solve used, encoded again for one concept at a time, so the server does not
-        keep every concept's k/v Grams (memory growing with the concepts) for the report."""
-        if self._kv_rows[0] != name:
-            record = next((r for r in self.records if r["name"] == name), None)
-            if record is None:
-                return None
-            self._kv_rows = (name, self.text_rows(self.kv_encoder(), qualified_prompts(record),
-                                                  self.base.tokenizer.model_max_length, concept=True))
-        k = self.slots[cross_attention_layers(self.base.unet).index(site.partition(".")[2].rsplit(".", 1)[0])]
-        x = self._kv_rows[1][k]
-        return x.T @ x / x.shape[0]
+    def report_kv_site(self, modules: list[str], grams: dict[str, torch.Tensor]) -> None:
+        """The identity rows of a k/v site, while its Grams (the server's own, not the clients') are at hand."""
+        for module in modules:
+            qual = f"unet.{module}"
+            owners = [Term(c.name, c.weight, c.up[qual], c.down[qual]) for c in self.state.concepts if qual in c.up]
+            changes = LayerChanges(self.lora[qual], owners)
+            for own in owners:
+                self.kv_report.setdefault(own.name, {})[qual] = changes.row(own, grams[own.name])
 
     def text_rows(self, encoder: LayerwiseTextEncoder | LayerwiseTextEncoderXL, prompts: list[str], length: int,
                   concept: bool) -> list[torch.Tensor]:
@@ -496,30 +491,18 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
 
 def identity_report(fusion: Fusion, sources: dict[str, Source]) -> IdentityReport:
     """The report of a finished fusion: client-side Grams from each concept's stats (where its package is
-    known), text-side Grams from the server's own encoding."""
-    # The report asks for one concept's Grams after another: only the current concept's are kept, so the
-    # server's memory does not grow with the number of concepts (each is read again from its stats file).
-    cache: dict[str, torch.Tensor] = {}
-    current: list[str] = [""]
-
+    known, read one at a time: the server's memory does not grow with the number of concepts), the k/v rows
+    the fusion computed from the server's own encoding."""
     def gram_of(name: str, qual: str) -> torch.Tensor | None:
-        model, _, module = qual.partition(".")
-        site = f"{model}.{site_of(module)}"
-        if is_text_side(module):
-            return fusion.kv_gram(name, site)
         src = sources.get(name)
         if src is None or src.stats is None:
             return None
-        if current[0] != name:
-            cache.clear()
-            current[0] = name
-        if site not in cache:
-            layer = fusion.models[model].get_submodule(module)
-            cache[site] = src.stats.normalised(src.stats.key_for(model, module), layer.in_features)
-        return cache[site]
+        model, _, module = qual.partition(".")
+        layer = fusion.models[model].get_submodule(module)
+        return src.stats.normalised(src.stats.key_for(model, module), layer.in_features)
 
     return IdentityReport(fusion.method, fusion.lam, fusion.state.concepts, fusion.lora, gram_of,
-                          set(sources)).compute()
+                          set(sources), fusion.kv_report).compute()
 
 
 def locate_package(record: dict, base: Base, need_stats: bool) -> Source:

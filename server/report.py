@@ -16,37 +16,52 @@ from rich.table import Table
 
 from server.state import ConceptTerms
 from shared.atomic import write_bytes_atomic
-from shared.fusion import Term, identity_row
+from shared.fusion import LayerChanges, Term
+from shared.grams import site_of
 from shared.validate import dumps_json
 
 COLUMNS = ("fused", "average", "sum")
 
 
 class IdentityReport:
-    """Identity loss per concept and layer, from Grams alone (the maths: shared.fusion.identity_row).
+    """Identity loss per concept and layer, from Grams alone (the maths: shared.fusion.LayerChanges).
 
     `gram_of(concept, qual)` gives concept's Ĝ at the input of layer `qual`, or None where it is not
-    known (a concept whose package is gone); `complete` names the concepts with every Gram known.
+    known (a concept whose package is gone); `complete` names the concepts with every Gram known. `known`
+    holds rows already computed where the Grams were at hand ({concept: {qual: row}}: the cross-attention
+    k/v layers, whose Grams the fusion itself computes).
     """
 
     def __init__(self, method: str, lam: float, concepts: list[ConceptTerms],
                  lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 gram_of: Callable[[str, str], torch.Tensor | None], complete: set[str]):
+                 gram_of: Callable[[str, str], torch.Tensor | None], complete: set[str],
+                 known: dict[str, dict[str, dict[str, float]]] | None = None):
         self.method, self.lam, self.concepts, self.lora = method, lam, concepts, lora
-        self.gram_of, self.complete = gram_of, complete
+        self.gram_of, self.complete, self.known = gram_of, complete, known or {}
         self.data: dict = {}
 
     def compute(self) -> IdentityReport:
+        # One input site at a time: its layers' changes are prepared once, and each concept's Ĝ there is
+        # asked for once, so neither the time per row nor the memory grows with the number of concepts.
+        rows: dict[str, dict[str, dict[str, float]]] = {c.name: dict(self.known.get(c.name, {})) for c in self.concepts}
+        sites: dict[str, list[str]] = {}
+        done = {q for known in self.known.values() for q in known}
+        for qual in self.lora:
+            if qual not in done:
+                model, _, module = qual.partition(".")
+                sites.setdefault(f"{model}.{site_of(module)}", []).append(qual)
+        for quals in sites.values():
+            owners = {q: [Term(c.name, c.weight, c.up[q], c.down[q]) for c in self.concepts if q in c.up]
+                      for q in quals}
+            changes = {q: LayerChanges(self.lora[q], owners[q]) for q in quals}
+            for terms in self.concepts:
+                mine = [q for q in quals if q in terms.up]
+                gram = self.gram_of(terms.name, mine[0]) if mine else None
+                for q in mine if gram is not None else []:
+                    rows[terms.name][q] = changes[q].row(next(t for t in owners[q] if t.name == terms.name), gram)
         concepts = {}
         for terms in self.concepts:
-            layers: dict[str, dict[str, float]] = {}
-            for qual in terms.up:
-                gram = self.gram_of(terms.name, qual)
-                if gram is None:
-                    continue
-                owners = [Term(c.name, c.weight, c.up[qual], c.down[qual]) for c in self.concepts if qual in c.up]
-                own = next(t for t in owners if t.name == terms.name)
-                layers[qual] = identity_row(self.lora[qual], own, owners, gram)
+            layers = {q: rows[terms.name][q] for q in terms.up if q in rows[terms.name]}  # in model order
             means = {col: sum(r[col] for r in layers.values()) / len(layers) for col in COLUMNS} if layers else {}
             concepts[terms.name] = {"mean": means, "layers": layers, "complete": terms.name in self.complete}
         self.data = {"method": self.method, "lam": self.lam, "columns": list(COLUMNS), "concepts": concepts}

@@ -198,11 +198,43 @@ def fuse_site(method: str, modules: dict[str, list[Term]], S: torch.Tensor | Non
     return out
 
 
-def identity_row(fused: tuple[torch.Tensor, torch.Tensor], own: Term, owners: list[Term],
-                 gram: torch.Tensor) -> dict[str, float]:
-    """A concept's identity loss in one layer for the fused change and the two naive baselines."""
-    row = {"fused": identity_loss(*fused, own.up, own.down, gram)}
-    for method in ("average", "sum"):
-        baseline = naive_lora([t.up for t in owners], [t.down for t in owners], method)
-        row[method] = identity_loss(*baseline, own.up, own.down, gram)
-    return row
+class LayerChanges:
+    """One layer's fused change and the two naive baselines, prepared once for the identity rows of all its
+    concepts: each row then costs the same whatever the number of concepts (with one low-rank form of K = N r
+    columns per row, the report grew as N³).
+
+    A change whose dense d_out x d_in matrix is cheaper to apply than its factors (K r-columns past the
+    layer's width) is kept dense; otherwise as (up, down) with upᵀup computed once.
+    """
+
+    def __init__(self, fused: tuple[torch.Tensor, torch.Tensor], owners: list[Term]):
+        changes = {"fused": fused}
+        for method in ("average", "sum"):
+            changes[method] = naive_lora([t.up for t in owners], [t.down for t in owners], method)
+        self.forms: dict[str, tuple[torch.Tensor, ...]] = {}
+        for method, (up, down) in changes.items():
+            up, down = up.to(DTYPE), down.to(DTYPE)
+            (d_out, k), d_in = up.shape, down.shape[1]
+            if d_out * d_in <= k * (d_in + k):
+                self.forms[method] = (up @ down,)
+            else:
+                self.forms[method] = (up, down, up.T @ up)
+
+    def row(self, own: Term, gram: torch.Tensor) -> dict[str, float]:
+        """The identity loss of concept `own` (its Ĝ: `gram`) under each change: {'fused', 'average', 'sum'}."""
+        b, a, gram = own.up.to(DTYPE), own.down.to(DTYPE), gram.to(DTYPE)
+        own_part = lowrank_quadratic(b, a, gram)
+        row = {}
+        for method, form in self.forms.items():
+            if own_part <= 0:
+                row[method] = 0.0
+            elif len(form) == 1:  # dense: tr(X Ĝ Xᵀ) with X = ΔW − dW_i
+                x = form[0] - b @ a
+                row[method] = float(((x @ gram) * x).sum() / own_part)
+            else:  # tr(P Q Ĝ Qᵀ Pᵀ) with P = [up, −b], Q = [down; a], PᵀP from the cached upᵀup
+                up, down, upup = form
+                cross = -(up.T @ b)
+                pp = torch.cat([torch.cat([upup, cross], 1), torch.cat([cross.T, b.T @ b], 1)])
+                q = torch.cat([down, a])
+                row[method] = float((pp * (q @ gram @ q.T)).sum() / own_part)
+        return row

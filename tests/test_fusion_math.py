@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from shared.fusion import (
+    LayerChanges,
+    Term,
     fused_lora,
     fused_lora_rows,
     fused_weight,
@@ -88,6 +90,24 @@ def test_identity_loss_matches_brute_force_and_baselines():
     assert abs(identity_loss(up, down, ups[0], downs[0], grams[0]) - float(brute)) < 1e-10
     other = ups[1] @ downs[1]
     assert torch.isclose(lowrank_quadratic(ups[1], downs[1], grams[1]), torch.trace(other @ grams[1] @ other.T))
+
+
+def test_layer_changes_give_the_identity_loss_in_both_forms():
+    """The report's prepared changes (dense when the concepts' columns pass the width, factored otherwise) give
+    each concept's identity loss as the direct formula does, for the fused change and both baselines."""
+    for n_concepts, d_out, d_in in ((2, 40, 30), (12, 6, 8)):  # K = 2r < d: factored; K = 12r > d: dense
+        W0, ups, downs, grams = _problem(n_concepts, d_out, d_in, seed=5)
+        fused = fused_lora(ups, [a @ g for a, g in zip(downs, grams)],
+                           regularised_cholesky(sum(grams), 1e-3))
+        owners = [Term(f"c{i}", 1.0, u, a) for i, (u, a) in enumerate(zip(ups, downs))]
+        changes = LayerChanges(fused, owners)
+        assert len(changes.forms["fused"]) == (1 if n_concepts == 12 else 3)
+        for own, gram in zip(owners, grams):
+            row = changes.row(own, gram)
+            expected = {"fused": identity_loss(*fused, own.up, own.down, gram)}
+            for method in ("average", "sum"):
+                expected[method] = identity_loss(*naive_lora(ups, downs, method), own.up, own.down, gram)
+            assert all(abs(row[m] - expected[m]) <= 1e-9 * max(1.0, expected[m]) for m in expected), (row, expected)
 
 
 def test_row_form_equals_the_gram_form():
