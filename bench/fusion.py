@@ -49,7 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from shared.fusion import absolute_lam, fused_lora, fused_lora_rows, objective, regularised_cholesky  # noqa: E402
+from shared.fusion import (  # noqa: E402
+    absolute_lam,
+    accumulate_site,
+    fused_lora,
+    fused_lora_rows,
+    objective,
+    regularised_cholesky,
+)
 from shared.grams import group_sites, is_text_side  # noqa: E402
 from shared.stats_file import Stats, gram_key, write_stats  # noqa: E402
 
@@ -239,14 +246,23 @@ def agram_rows(downs: list[torch.Tensor], gram: torch.Tensor) -> list[torch.Tens
     return list(rows.split([a.shape[0] for a in downs]))
 
 
+def site_terms(grams: list[torch.Tensor], downs: list[list[torch.Tensor]]) -> tuple[torch.Tensor, list]:
+    """S = Σ Ĝ_i and each concept's A Ĝ_i for the site's modules, as the server's fusion state adds a concept
+    (shared.fusion.accumulate_site: one pass over each Ĝ)."""
+    S, per_concept = None, []
+    for gram, concept_downs in zip(grams, downs):
+        S, products = accumulate_site(S, gram, 1.0, concept_downs)
+        per_concept.append(products)
+    return S, per_concept
+
+
 def fuse_all(sites: dict[str, list[dict]], grams: dict, ups: list, downs: list, n: int) -> dict:
     """Closed-form fusion of every layer for concepts 0..n-1: {qual: (up, down)}."""
     out = {}
     for site, layers in sites.items():
-        gs = grams[site][:n]
-        factor = site_factor(site_sum(gs))
         names = [qual(la) for la in layers]
-        per_concept = [agram_rows([downs[i][q] for q in names], gs[i]) for i in range(n)]
+        S, per_concept = site_terms(grams[site][:n], [[downs[i][q] for q in names] for i in range(n)])
+        factor = site_factor(S)
         for k, q in enumerate(names):
             out[q] = fused_lora([ups[i][q] for i in range(n)], [per_concept[i][k] for i in range(n)], factor)
     return out
@@ -429,8 +445,7 @@ def child_streaming(args: argparse.Namespace) -> None:
                 modules = {q: [Term(f"c{i}", 1.0, ups[i][q], downs[i][q]) for i in range(N)] for q in names}
                 out = fuse_site("gradient", modules, S, LAM, rows=rows)
             else:
-                S = site_sum(grams)
-                per_concept = [agram_rows([downs[i][q] for q in names], grams[i]) for i in range(N)]
+                S, per_concept = site_terms(grams, [[downs[i][q] for q in names] for i in range(N)])
                 modules = {q: [Term(f"c{i}", 1.0, ups[i][q], downs[i][q], per_concept[i][k]) for i in range(N)]
                            for k, q in enumerate(names)}
                 out = fuse_site("gradient", modules, S, LAM)

@@ -265,17 +265,21 @@ class Fusion:
                 extra = preserve[k] / preserve[k].shape[0] ** 0.5
                 S = S + extra.T @ extra
             self.solve_site(f"unet.{site}", modules, S, grams, rows, extra)
-            self.report_kv_site(modules, grams)
+            self.report_kv_site(modules, grams, rows)
             progress.advance(task)
 
-    def report_kv_site(self, modules: list[str], grams: dict[str, torch.Tensor]) -> None:
-        """The identity rows of a k/v site, while its Grams (the server's own, not the clients') are at hand."""
+    def report_kv_site(self, modules: list[str], grams: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]
+                       ) -> None:
+        """The identity rows of a k/v site, while its inputs (the server's own, not the clients') are at hand:
+        from a concept's text rows when they are fewer than the width, else from its Gram."""
         for module in modules:
             qual = f"unet.{module}"
             owners = [Term(c.name, c.weight, c.up[qual], c.down[qual]) for c in self.state.concepts if qual in c.up]
             changes = LayerChanges(self.lora[qual], owners)
             for own in owners:
-                self.kv_report.setdefault(own.name, {})[qual] = changes.row(own, grams[own.name])
+                x = rows[own.name]
+                self.kv_report.setdefault(own.name, {})[qual] = changes.row(own, rows=x) if x.shape[0] < x.shape[1] \
+                    else changes.row(own, grams[own.name])
 
     def text_rows(self, encoder: LayerwiseTextEncoder | LayerwiseTextEncoderXL, prompts: list[str], length: int,
                   concept: bool) -> list[torch.Tensor]:
@@ -456,9 +460,10 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
             src = locate_package(record, base, need_stats)
             state.remove(name, src.meta, src.stats, dims)
             records.remove(record)
-        for record in records:  # for the report: the other packages, where they can still be found
+        for record in records:  # for the report: the other packages' stats, where they can still be found
             with contextlib.suppress(UserError):
                 sources[record["name"]] = locate_package(record, base, need_stats)
+                sources[record["name"]].tensors.clear()  # their terms are in the state already
     elif remove:
         raise InvalidArgument("remove", "needs a fused model to update (from_dir)")
     new_sources = [read_source(Path(p), base, need_stats) for p in packages]
@@ -471,6 +476,7 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
         preserve_grams = preservation_grams(base, client_sites_of(new_sources), preserve, resolution)
     for src in new_sources:
         state.add(src.meta, src.tensors, src.stats, 1.0, dims)
+        src.tensors.clear()  # the state holds its terms now (float64); the package's own copy is not needed again
         records.append({**concept_record(src, src.meta.n_layers), **(origins or {}).get(src.meta.name, {})})
         sources[src.meta.name] = src
     if preserve_grams:

@@ -45,9 +45,10 @@ class Previous:
         """The latest version with its state; none when there is none, or when it was fused on another base
         (a new base starts a new lineage: its clients train for it anew)."""
         name = latest(store)
-        if name is None or get_manifest(store, name).base_fingerprint != fingerprint:
+        manifest = get_manifest(store, name) if name is not None else None
+        if manifest is None or manifest.base_fingerprint != fingerprint:
             return cls()
-        pull(store, folder, name, with_state=True, trust=trust)
+        pull(store, folder, name, with_state=True, trust=trust, manifest=manifest)
         info = read_concepts(folder)  # checked there, the operator's removals too
         return cls(name, folder, list(info["concepts"]), info[BARRED_KEY])
 

@@ -65,7 +65,7 @@ def round_config(store, settings: RoundSettings, round_id: str, node: int, finge
         config.store_url = store.url
     else:
         for name in PACKAGE_FILES:
-            config.upload_urls[name] = store.presigned_put(prefix + name)
+            config.upload_urls[name] = store.presigned_put(prefix + name, expires=settings.upload_expiry)
     return config
 
 

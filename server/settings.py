@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from shared.errors import InvalidArgument, UserError
@@ -49,6 +50,12 @@ class RoundSettings:
     signing_key: Path | None = None  # signs each published version (shared.signing)
     max_upload_mb: float = 1024.0  # a client's file over this size is refused before it is downloaded
     remove: tuple[str, ...] = ()  # concepts the operator removes at this round
+
+    @property
+    def upload_expiry(self) -> timedelta:
+        """How long a client's presigned upload URLs live: the round's reply timeout and 5 minutes for the last
+        upload to finish, never more than S3's limit of 7 days; an URL cannot be used after its round."""
+        return timedelta(seconds=min(self.timeout + 300, 7 * 86400))
 
     @classmethod
     def from_config(cls, given: Mapping) -> RoundSettings:

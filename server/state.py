@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from shared.errors import InvalidArgument, UserError
+from shared.fusion import accumulate_site
 from shared.grams import is_text_side, site_of
 from shared.package import ConceptMeta
 from shared.stats_file import Stats
@@ -65,11 +67,11 @@ class FusionState:
             if meta.encoders == 2:
                 terms.emb_2[word] = tensors[f"emb_2.{word}"]
         if stats is not None:
-            for site, gram in self._client_grams(meta, stats, dims).items():
-                self.S[site] = self.S[site] + weight * gram if site in self.S else weight * gram
-                for qual in terms.down:
-                    if _site(qual) == site:
-                        terms.agram[qual] = terms.down[qual] @ gram
+            for site, gram in self._client_grams(meta, stats, dims):
+                quals = [qual for qual in terms.down if _site(qual) == site]
+                self.S[site], products = accumulate_site(self.S.get(site), gram, weight,
+                                                         [terms.down[q] for q in quals])
+                terms.agram.update(zip(quals, products))
         self.concepts.append(terms)
         return terms
 
@@ -77,21 +79,21 @@ class FusionState:
         """Withdraw concept `name`: subtract its Grams (from its own stats) and drop its terms."""
         terms = next(c for c in self.concepts if c.name == name)
         if stats is not None:
-            for site, gram in self._client_grams(meta, stats, dims).items():
+            for site, gram in self._client_grams(meta, stats, dims):
                 self.S[site] = self.S[site] - terms.weight * gram
         self.concepts.remove(terms)
 
     @staticmethod
-    def _client_grams(meta: ConceptMeta, stats: Stats, dims: dict[str, int]) -> dict[str, torch.Tensor]:
-        grams = {}
+    def _client_grams(meta: ConceptMeta, stats: Stats, dims: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(site, Ĝ) of each client-side site, read one at a time (one Gram in memory, not the concept's all)."""
+        seen = set()
         for model, modules in meta.lora_groups():
             for module in modules:
                 qual = f"{model}.{module}"
-                if is_text_side(module) or _site(qual) in grams:
+                if is_text_side(module) or _site(qual) in seen:
                     continue
-                key = stats.key_for(model, module)
-                grams[_site(qual)] = stats.normalised(key, dims[qual])
-        return grams
+                seen.add(_site(qual))
+                yield _site(qual), stats.normalised(stats.key_for(model, module), dims[qual])
 
     def save(self, path: Path, info: dict) -> None:
         tensors = {f"S.{site}": s.to(torch.float64).contiguous() for site, s in self.S.items()}

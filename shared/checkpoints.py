@@ -172,11 +172,13 @@ def planned_files(manifest: pb.FusedManifest, version: str, lora_only: bool, whe
 
 
 def pull(store: Store, out: Path, version: str = "latest", lora_only: bool = False, with_state: bool = False,
-         trust: Ed25519PublicKey | None = None, model_only: bool = False) -> pb.FusedManifest:
+         trust: Ed25519PublicKey | None = None, model_only: bool = False,
+         manifest: pb.FusedManifest | None = None) -> pb.FusedManifest:
     """Download a version into `out` (atomically), verifying every file against the manifest and, with
-    `trust`, the manifest's signature; the fusion state only `with_state`."""
+    `trust`, the manifest's signature; the fusion state only `with_state`. `manifest`: the version's manifest
+    when the caller has just read it (`get_manifest(store, version)`), not read again."""
     check_fresh_output(Path(out), "out")
-    manifest = get_manifest(store, version)
+    manifest = manifest or get_manifest(store, version)
     if trust is not None:
         verify_manifest(manifest, trust, store.url)
     files = planned_files(manifest, version, lora_only, store.url, with_state, model_only)

@@ -7,6 +7,7 @@ import torch
 from shared.fusion import (
     LayerChanges,
     Term,
+    accumulate_site,
     fused_lora,
     fused_lora_rows,
     fused_weight,
@@ -92,6 +93,17 @@ def test_identity_loss_matches_brute_force_and_baselines():
     assert torch.isclose(lowrank_quadratic(ups[1], downs[1], grams[1]), torch.trace(other @ grams[1] @ other.T))
 
 
+def test_accumulate_site_adds_the_gram_and_gives_every_product_in_one_pass():
+    _, ups, downs, grams = _problem(n_concepts=2, d_out=8, d_in=150, rank=3, rows=200, seed=9)  # 150: 3 blocks
+    S, products = accumulate_site(None, grams[0], 1.0, [downs[0], downs[1]], block=64)
+    assert torch.equal(S, grams[0]) and all(torch.allclose(p, a @ grams[0], rtol=0, atol=1e-12)
+                                             for p, a in zip(products, downs))
+    before = S.clone()
+    S2, (only,) = accumulate_site(S, grams[1], 0.5, [downs[1]], block=64)
+    assert S2 is S and torch.allclose(S2, before + 0.5 * grams[1], rtol=0, atol=1e-12)  # in place
+    assert torch.allclose(only, downs[1] @ grams[1], rtol=0, atol=1e-12)
+
+
 def test_layer_changes_give_the_identity_loss_in_both_forms():
     """The report's prepared changes (dense when the concepts' columns pass the width, factored otherwise) give
     each concept's identity loss as the direct formula does, for the fused change and both baselines."""
@@ -102,8 +114,12 @@ def test_layer_changes_give_the_identity_loss_in_both_forms():
         owners = [Term(f"c{i}", 1.0, u, a) for i, (u, a) in enumerate(zip(ups, downs))]
         changes = LayerChanges(fused, owners)
         assert len(changes.forms["fused"]) == (1 if n_concepts == 12 else 3)
+        gen = torch.Generator().manual_seed(1)
         for own, gram in zip(owners, grams):
             row = changes.row(own, gram)
+            x = torch.randn(5, d_in, generator=gen, dtype=D)  # a concept's few text rows: Ĝ = xᵀx / 5
+            from_rows, from_gram = changes.row(own, rows=x), changes.row(own, x.T @ x / 5)
+            assert all(abs(from_rows[m] - from_gram[m]) <= 1e-9 * max(1.0, from_gram[m]) for m in from_gram)
             expected = {"fused": identity_loss(*fused, own.up, own.down, gram)}
             for method in ("average", "sum"):
                 expected[method] = identity_loss(*naive_lora(ups, downs, method), own.up, own.down, gram)

@@ -171,25 +171,55 @@ def test_download_stops_at_the_announced_size(tmp_path):
     assert Endless.read_total == 1001 and not list(tmp_path.iterdir())
 
 
-def test_presigned_urls_sign_one_key_for_a_short_time(s3_env, tmp_path):
-    """A client's presigned PUT is SigV4-signed over exactly its own key's path, the host and an expiry; the
-    round's URLs expire. (Whether a server then refuses the same signature on another key or after expiry
-    cannot be tried here: the loopback S3 server (moto 5.2.5) checks signatures only on header-signed
-    requests; in its IAM mode a presigned request fails with KeyError 'HTTP_AUTHORIZATION'.)"""
+@pytest.fixture
+def gated_store(s3_server, s3_env, monkeypatch, tmp_path):
+    """A store reached through tests/s3_gate.py, which checks presigned signatures and expiry as S3 does."""
+    from tests.s3_gate import Gate
+
+    gate = Gate(s3_server, "testing", "testing")
+    monkeypatch.setenv("MIXSHOW_S3_ENDPOINT", gate.address)
+    yield open_store(f"s3://mixshow/{tmp_path.name}"), gate
+    gate.close()
+
+
+def test_a_presigned_url_writes_only_its_own_key_and_not_after_it_expires(gated_store):
+    """A client's upload URL from the round (server.round.round_config) works for its own key with the client's
+    own upload code; the same signature on another client's key, a changed signature and an expired URL are
+    refused by the signature-checking S3 front, and nothing is written; the round's URLs live for its reply
+    timeout and 5 minutes, not longer."""
+    import time
     from datetime import timedelta
     from urllib.parse import parse_qs, urlparse
 
-    store = open_store(f"s3://mixshow/{tmp_path.name}")
-    url = urlparse(store.presigned_put("rounds/r1/alice/edlora.safetensors", expires=timedelta(minutes=5)))
-    query = parse_qs(url.query)
-    assert url.path == f"/mixshow/{tmp_path.name}/rounds/r1/alice/edlora.safetensors"
-    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] and query["X-Amz-SignedHeaders"] == ["host"]
-    assert query["X-Amz-Expires"] == ["300"] and len(query["X-Amz-Signature"][0]) == 64
+    from client.round import put_with_retries
     from server.round import round_config
     from server.settings import RoundSettings
 
-    config = round_config(store, RoundSettings.from_config({}), "r9", 7, "0" * 64)
-    for name, link in config.upload_urls.items():
-        parts = urlparse(link)
-        assert parts.path.endswith(f"/rounds/r9/7/{name}")  # each URL names this client's own key only
-        assert int(parse_qs(parts.query)["X-Amz-Expires"][0]) <= 2 * 3600
+    store, gate = gated_store
+    settings = RoundSettings.from_config({"timeout": 600})
+    config = round_config(store, settings, "r9", 7, "0" * 64)
+    url = config.upload_urls["edlora.safetensors"]
+    assert int(parse_qs(urlparse(url).query)["X-Amz-Expires"][0]) == 900
+    put_with_retries(url, b"alice's weights", "edlora.safetensors")
+    with store.open("rounds/r9/7/edlora.safetensors") as stream:
+        assert stream.read() == b"alice's weights"
+
+    other = url.replace("/rounds/r9/7/", "/rounds/r9/8/")  # node 8's key, with node 7's signature
+    with pytest.raises(UserError, match="HTTP 403"):
+        put_with_retries(other, b"forged", "edlora.safetensors")
+    forged = url[:-6] + ("000000" if not url.endswith("000000") else "111111")
+    with pytest.raises(UserError, match="HTTP 403"):
+        put_with_retries(forged, b"forged", "edlora.safetensors")
+    short = store.presigned_put("rounds/r9/7/stats.safetensors", expires=timedelta(seconds=1))
+    time.sleep(2.1)
+    with pytest.raises(UserError, match="expired"):
+        put_with_retries(short, b"late", "stats.safetensors")
+    assert gate.refused == ["SignatureDoesNotMatch", "SignatureDoesNotMatch", "AccessDenied"]
+    assert store.info("rounds/r9/8/edlora.safetensors") is None and store.info("rounds/r9/7/stats.safetensors") is None
+    with store.open("rounds/r9/7/edlora.safetensors") as stream:
+        assert stream.read() == b"alice's weights"  # the forged writes changed nothing
+    download = store.presigned_get("rounds/r9/7/edlora.safetensors")  # the registry's download URLs: the same
+    from shared.download import http_stream
+
+    with http_stream(download) as stream:
+        assert stream.read() == b"alice's weights"
