@@ -226,6 +226,7 @@ def test_server_rejects_an_upload_changed_after_its_manifest(three_packages, tin
     from protos import mixshow_pb2 as pb
     from server.membership import verify
     from server.round import round_config
+    from server.settings import RoundSettings
     from shared.base import load_base
     from shared.storage import IntegrityError
 
@@ -233,8 +234,7 @@ def test_server_rejects_an_upload_changed_after_its_manifest(three_packages, tin
     base = load_base(tiny_base)
     manifests = {}
     for node, pkg in enumerate(three_packages[:2]):
-        config = round_config(store, type("S", (), {"steps": 0, "resolution": 0, "stats_samples": 0,
-                                                    "retrain": False})(), "r1", node, base.fingerprint)
+        config = round_config(store, RoundSettings.from_config({"steps": 0}), "r1", node, base.fingerprint)
         assert config.upload_urls and not config.store_url  # clients get URLs, not credentials
         manifests[node] = pb.ConceptManifest(files=upload(config, pkg))
     key = "rounds/r1/1/edlora.safetensors"
