@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from server.report import IdentityReport
+from server.report import IdentityReport, layer_changes
 from server.state import FusionState
 from shared.atomic import check_fresh_output, staged_dir
 from shared.base import Base, load_base
@@ -33,7 +33,7 @@ from shared.edlora import (
 )
 from shared.errors import InvalidArgument, UserError
 from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, STATE_FILE, qualified, read_concepts
-from shared.fusion import DEFAULT_LAM, METHODS, LayerChanges, Term, apply_lowrank, fuse_site
+from shared.fusion import DEFAULT_LAM, METHODS, Term, apply_lowrank, fuse_site
 from shared.grams import GramRecorder, group_sites, is_text_side, site_of
 from shared.package import (
     EMBEDDING_KINDS,
@@ -274,9 +274,8 @@ class Fusion:
         from a concept's text rows when they are fewer than the width, else from its Gram."""
         for module in modules:
             qual = f"unet.{module}"
-            owners = [Term(c.name, c.weight, c.up[qual], c.down[qual]) for c in self.state.concepts if qual in c.up]
-            changes = LayerChanges(self.lora[qual], owners)
-            for own in owners:
+            changes, owners = layer_changes(self.state.concepts, qual, self.lora[qual])
+            for own in owners.values():
                 x = rows[own.name]
                 self.kv_report.setdefault(own.name, {})[qual] = changes.row(own, rows=x) if x.shape[0] < x.shape[1] \
                     else changes.row(own, grams[own.name])

@@ -23,6 +23,13 @@ from shared.validate import dumps_json
 COLUMNS = ("fused", "average", "sum")
 
 
+def layer_changes(concepts: list[ConceptTerms], qual: str, fused: tuple[torch.Tensor, torch.Tensor]
+                  ) -> tuple[LayerChanges, dict[str, Term]]:
+    """Layer `qual`'s prepared changes and its concepts' own terms by name (the report's one setup per layer)."""
+    owners = {c.name: Term(c.name, c.weight, c.up[qual], c.down[qual]) for c in concepts if qual in c.up}
+    return LayerChanges(fused, list(owners.values())), owners
+
+
 class IdentityReport:
     """Identity loss per concept and layer, from Grams alone (the maths: shared.fusion.LayerChanges).
 
@@ -51,14 +58,13 @@ class IdentityReport:
                 model, _, module = qual.partition(".")
                 sites.setdefault(f"{model}.{site_of(module)}", []).append(qual)
         for quals in sites.values():
-            owners = {q: [Term(c.name, c.weight, c.up[q], c.down[q]) for c in self.concepts if q in c.up]
-                      for q in quals}
-            changes = {q: LayerChanges(self.lora[q], owners[q]) for q in quals}
+            prepared = {q: layer_changes(self.concepts, q, self.lora[q]) for q in quals}
             for terms in self.concepts:
                 mine = [q for q in quals if q in terms.up]
                 gram = self.gram_of(terms.name, mine[0]) if mine else None
                 for q in mine if gram is not None else []:
-                    rows[terms.name][q] = changes[q].row(next(t for t in owners[q] if t.name == terms.name), gram)
+                    changes, owners = prepared[q]
+                    rows[terms.name][q] = changes.row(owners[terms.name], gram)
         concepts = {}
         for terms in self.concepts:
             layers = {q: rows[terms.name][q] for q in terms.up if q in rows[terms.name]}  # in model order
