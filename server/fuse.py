@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
+from server.kv_inputs import KVInputs
 from server.report import IdentityReport, layer_changes
 from server.state import FusionState
 from shared.atomic import check_fresh_output, staged_dir
@@ -157,6 +158,7 @@ class Fusion:
         self.change: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float64, as solved
         self.w0: dict[str, torch.Tensor] = {}  # qual -> the base's weight before fusion (as loaded)
         self.kv_report: dict[str, dict[str, dict[str, float]]] = {}  # the report's k/v rows, by concept and layer
+        self.kv_agram: dict[tuple[str, str], torch.Tensor] = {}  # (concept, qual) -> A Ĝ of a k/v layer, while solved
         self.show_progress = show_progress
 
     # -- the four steps ---------------------------------------------------------------------------------
@@ -218,7 +220,8 @@ class Fusion:
         terms = {}
         for module in modules:
             qual = f"{model_name}.{module}"
-            terms[module] = [Term(c.name, c.weight, c.up[qual], c.down[qual], c.agram.get(qual))
+            terms[module] = [Term(c.name, c.weight, c.up[qual], c.down[qual],
+                                  self.kv_agram.get((c.name, qual), c.agram.get(qual)))
                              for c in self.state.concepts if qual in c.up]
         weighted_rows = None
         if rows is not None and self.row_form:
@@ -242,43 +245,54 @@ class Fusion:
 
     @torch.no_grad()
     def solve_text_side(self, progress: Progress) -> None:
-        """Cross-attention k/v: Grams of the fused text encoder's features on each concept's prompts."""
+        """Cross-attention k/v: Grams of the fused text encoder's features on each concept's prompts, gathered
+        one concept at a time (server.kv_inputs), then one solve per site and the report's k/v rows."""
         sites = self.sites("unet", text_side=True)
         if not sites:
             return
         layers = cross_attention_layers(self.base.unet)
+        slot_of = {site: self.slots[layers.index(site.rsplit(".", 1)[0])] for site in sites}
+        modules_of_slot: dict[int, list[str]] = {}
+        for site, modules in sites.items():
+            modules_of_slot.setdefault(slot_of[site], []).extend(f"unet.{m}" for m in modules)
         encoder = self.kv_encoder()
         length = self.base.tokenizer.model_max_length
-        per_layer: dict[str, list[torch.Tensor]] = {}
-        for record in self.records:
-            per_layer[record["name"]] = self.text_rows(encoder, qualified_prompts(record), length, concept=True)
         preserve = self.text_rows(encoder, list(GENERIC_PROMPTS[: self.preserve]), length, concept=False) \
             if self.preserve else None
+        inputs = KVInputs(0 if preserve is None else preserve[0].shape[0], self.row_form, modules_of_slot)
+        for record, terms in zip(self.records, self.state.concepts):
+            inputs.add(terms, self.text_rows(encoder, qualified_prompts(record), length, concept=True))
+        self.kv_agram = inputs.agram
+        weights = {c.name: c.weight for c in self.state.concepts}
         task = progress.add_task("fuse cross-attention k/v", total=len(sites))
         for site, modules in sites.items():
-            k = self.slots[layers.index(site.rsplit(".", 1)[0])]
-            rows = {name: x[k] for name, x in per_layer.items()}
-            grams = {name: x.T @ x / x.shape[0] for name, x in rows.items()}
-            S = sum(c.weight * grams[c.name] for c in self.state.concepts)
-            extra = None
-            if preserve is not None:
-                extra = preserve[k] / preserve[k].shape[0] ** 0.5
-                S = S + extra.T @ extra
+            k = slot_of[site]
+            extra = None if preserve is None else preserve[k] / preserve[k].shape[0] ** 0.5
+            S, grams, rows = inputs.site_inputs(k, weights, extra)
             self.solve_site(f"unet.{site}", modules, S, grams, rows, extra)
-            self.report_kv_site(modules, grams, rows)
             progress.advance(task)
+        self.kv_agram = {}
+        self.report_kv(encoder, length, inputs.rows, modules_of_slot)
 
-    def report_kv_site(self, modules: list[str], grams: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]
-                       ) -> None:
-        """The identity rows of a k/v site, while its inputs (the server's own, not the clients') are at hand:
-        from a concept's text rows when they are fewer than the width, else from its Gram."""
-        for module in modules:
-            qual = f"unet.{module}"
-            changes, owners = layer_changes(self.state.concepts, qual, self.lora[qual])
-            for own in owners.values():
-                x = rows[own.name]
-                self.kv_report.setdefault(own.name, {})[qual] = changes.row(own, rows=x) if x.shape[0] < x.shape[1] \
-                    else changes.row(own, grams[own.name])
+    def report_kv(self, encoder: LayerwiseTextEncoder | LayerwiseTextEncoderXL, length: int,
+                  held: dict[str, list[torch.Tensor]], modules_of_slot: dict[int, list[str]]) -> None:
+        """The identity rows of the k/v layers while their inputs (the server's own, not the clients') are at
+        hand: one concept at a time (its rows as held, or encoded again), from its rows when they are fewer
+        than the width, else from its Gram."""
+        prepared = {}
+        for record, terms in zip(self.records, self.state.concepts):
+            rows = held.get(terms.name) or self.text_rows(encoder, qualified_prompts(record), length, concept=True)
+            for slot, x in enumerate(rows):
+                gram = None if x.shape[0] < x.shape[1] else x.T @ x / x.shape[0]
+                for qual in modules_of_slot.get(slot, []):
+                    if qual not in terms.up:
+                        continue
+                    if qual not in prepared:
+                        prepared[qual] = layer_changes(self.state.concepts, qual, self.lora[qual])
+                    changes, owners = prepared[qual]
+                    own = owners[terms.name]
+                    self.kv_report.setdefault(terms.name, {})[qual] = changes.row(own, gram) if gram is not None \
+                        else changes.row(own, rows=x)
 
     def text_rows(self, encoder: LayerwiseTextEncoder | LayerwiseTextEncoderXL, prompts: list[str], length: int,
                   concept: bool) -> list[torch.Tensor]:

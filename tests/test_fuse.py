@@ -310,3 +310,40 @@ def test_text_side_row_form_matches_the_cholesky_form(tiny_base, three_packages,
     monkeypatch.setattr(Fusion, "row_form", False)
     fuse(tiny_base, three_packages[:1], tmp_path / "cholesky", kv_rows="concept", show_progress=False)
     assert _max_rel(_weights(tmp_path / "rows"), _weights(tmp_path / "cholesky")) <= 1e-6
+
+
+def test_cross_attention_kv_is_the_closed_form_of_the_fused_encoders_rows(tiny_base, three_packages, fused_three):
+    """The k/v layers, whose inputs the server streams one concept at a time into per-slot Grams (154 text rows
+    per concept against a width of 32: the Gram form), equal (Σ W_i Ĝ_i + λ W0)(Σ Ĝ_i + λI)⁻¹ with each Ĝ_i
+    recomputed here from the fused folder's own text encoder on the concept's prompts."""
+    from server.fuse import qualified_prompts
+    from shared.edlora import cross_attention_layers, token_slots
+    from shared.fusion import absolute_lam, fused_weight
+    from shared.package import read_package
+
+    folder = fused_three["gradient"]
+    fused_base, encoder, concepts = load_fused(folder)
+    plain = load_base(tiny_base)
+    length = fused_base.tokenizer.model_max_length
+    layers = cross_attention_layers(plain.unet)
+    slots = token_slots(plain.unet)
+    packages = [read_package(p) for p in three_packages]
+    checked = 0
+    for index in (0, len(layers) - 1):
+        module = f"{layers[index]}.to_v"
+        W0 = plain.unet.get_submodule(module).weight.detach().double()
+        deltas, grams = [], []
+        for record, (meta, tensors) in zip(concepts, packages):
+            with torch.no_grad():
+                states = encoder.encode(qualified_prompts(record)).double()
+            x = states[:, slots[index] * length:(slots[index] + 1) * length].reshape(-1, states.shape[-1])
+            assert x.shape[0] > x.shape[1]  # more rows than width: not the row form
+            grams.append(x.T @ x / x.shape[0])
+            key = f"unet.{module}"
+            up, down = tensors[f"{key}.lora_B.weight"].double(), tensors[f"{key}.lora_A.weight"].double()
+            deltas.append(meta.lora_scale * up @ down)
+        expected = fused_weight(W0, deltas, grams, absolute_lam(sum(grams), 1e-4))
+        got = fused_base.unet.get_submodule(module).weight.detach().double()
+        assert float((got - expected).norm() / (expected - W0).norm()) <= 1e-4, module
+        checked += 1
+    assert checked == 2
