@@ -217,5 +217,18 @@ def load_base(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     fp = fingerprint(models, pipe.tokenizer, getattr(pipe, "tokenizer_2", None))
     for model in models.values():
         model.to(device=device, dtype=dtype).requires_grad_(False).eval()
+        _own_aligned_storage(model)
     return Base(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler, fp, str(path),
                 stored_dtype(path), getattr(pipe, "tokenizer_2", None), second)
+
+
+def _own_aligned_storage(model: torch.nn.Module, alignment: int = 64) -> None:
+    """Give every tensor of `model` that sits at an unaligned address (a view into a memory-mapped file, at
+    whatever offset the file put it) its own allocation. CPU kernels take other vector paths for unaligned
+    data, so bit-equal weights loaded from a folder and from a single file gave images one level apart on an
+    AVX2 machine; with aligned copies the same weights give the same image, whichever file they came from."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+
