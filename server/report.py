@@ -21,6 +21,7 @@ from shared.grams import site_of
 from shared.validate import dumps_json
 
 COLUMNS = ("fused", "average", "sum")
+LEGEND_CONCEPTS = 8  # above this, the per-layer chart names line styles, not concepts
 
 
 def layer_changes(concepts: list[ConceptTerms], qual: str, fused: tuple[torch.Tensor, torch.Tensor]
@@ -88,13 +89,18 @@ class IdentityReport:
         import matplotlib.pyplot as plt
 
         concepts = [n for n, e in self.data["concepts"].items() if e["layers"]]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+        # wider with many concepts, so that each keeps a readable bar group and label
+        fig, (left, right) = plt.subplots(1, 2, figsize=(max(13.0, 9 + 0.3 * len(concepts)), 4.5),
+                                          gridspec_kw={"width_ratios": [max(1.0, len(concepts) / 12), 2]},
+                                          layout="constrained")
         width = 0.8 / len(COLUMNS)
         for j, col in enumerate(COLUMNS):
             values = [self.data["concepts"][n]["mean"][col] for n in concepts]
             label = f"{self.data['method']} (fused)" if col == "fused" else col
             left.bar([i + j * width for i in range(len(concepts))], values, width, label=label)
-        left.set_xticks([i + width for i in range(len(concepts))], concepts, rotation=20, ha="right")
+        upright = len(concepts) > 12  # many names side by side only fit standing
+        left.set_xticks([i + width for i in range(len(concepts))], concepts, rotation=90 if upright else 20,
+                        ha="center" if upright else "right")
         left.set_ylabel("identity loss (0 kept, 1 lost)")
         left.set_yscale("symlog", linthresh=1e-2)
         left.set_title("mean over layers")
@@ -108,8 +114,12 @@ class IdentityReport:
         right.set_xlabel("adapted layer (text encoder, then UNet, in model order)")
         right.set_yscale("symlog", linthresh=1e-3)
         right.set_title("per layer")
-        right.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
+        if len(concepts) <= LEGEND_CONCEPTS:
+            right.legend(fontsize=7, ncol=2)
+        else:  # one entry per concept no longer fits beside the axes: the two line styles only
+            styles = [right.plot([], [], color="black", label="fused (one colour per concept)")[0],
+                      right.plot([], [], "--", color="black", label="average")[0]]
+            right.legend(handles=styles, fontsize=7)
         tmp = path.with_name(f".{path.name}.tmp.png")
         fig.savefig(tmp, dpi=90)
         plt.close(fig)

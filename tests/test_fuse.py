@@ -347,3 +347,25 @@ def test_cross_attention_kv_is_the_closed_form_of_the_fused_encoders_rows(tiny_b
         assert float((got - expected).norm() / (expected - W0).norm()) <= 1e-4, module
         checked += 1
     assert checked == 2
+
+
+@pytest.mark.parametrize("count", [3, 50])
+def test_the_report_chart_keeps_its_layout_with_many_concepts(count, tmp_path):
+    """The chart of a 50-concept round: no layout warning (one legend entry per concept made matplotlib give up
+    its layout), and the figure widens with the concepts so that each bar group keeps its width."""
+    import warnings
+
+    from PIL import Image
+
+    from server.report import IdentityReport
+
+    report = IdentityReport("gradient", 1e-4, [], {}, lambda name, qual: None, set())
+    layers = {f"unet.layer{j}": {"fused": 0.01 * j, "average": 0.02 * j, "sum": 0.5} for j in range(12)}
+    report.data = {"method": "gradient", "lam": 1e-4, "columns": ["fused", "average", "sum"], "concepts": {
+        f"concept-{i:02d}": {"mean": {"fused": 0.1, "average": 0.5, "sum": 0.9}, "layers": layers, "complete": True}
+        for i in range(count)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.plot(tmp_path / "report.png")
+    width = Image.open(tmp_path / "report.png").size[0]
+    assert width >= 13 * 90 and (count < 30 or width > 20 * 90)
