@@ -263,13 +263,12 @@ class Fusion:
         for record, terms in zip(self.records, self.state.concepts):
             inputs.add(terms, self.text_rows(encoder, qualified_prompts(record), length, concept=True))
         self.kv_agram = inputs.agram
-        weights = {c.name: c.weight for c in self.state.concepts}
         task = progress.add_task("fuse cross-attention k/v", total=len(sites))
         for site, modules in sites.items():
             k = slot_of[site]
             extra = None if preserve is None else preserve[k] / preserve[k].shape[0] ** 0.5
-            S, grams, rows = inputs.site_inputs(k, weights, extra)
-            self.solve_site(f"unet.{site}", modules, S, grams, rows, extra)
+            S, rows = inputs.site_inputs(k, extra)
+            self.solve_site(f"unet.{site}", modules, S, rows=rows, extra=extra)
             progress.advance(task)
         self.kv_agram = {}
         self.report_kv(encoder, length, inputs.rows, modules_of_slot)

@@ -23,8 +23,7 @@ class KVInputs:
         self.width = 0  # the text width, from the first rows
         self.modules_of_slot = modules_of_slot  # slot -> model-qualified k/v layers reading it
         self.count = 0
-        self.rows: dict[str, list[torch.Tensor]] = {}  # concept -> rows per slot, while in row form
-        self.pending: list[ConceptTerms] = []
+        self.held: dict[str, tuple[ConceptTerms, list[torch.Tensor]]] = {}  # concept -> rows per slot (row form)
         self.S: dict[int, torch.Tensor] = {}
         self.agram: dict[tuple[str, str], torch.Tensor] = {}  # (concept, qual) -> A Ĝ
 
@@ -36,12 +35,16 @@ class KVInputs:
         """One concept's text rows per slot (n_i x d each, the same n_i in every slot)."""
         self.count += rows[0].shape[0]
         self.width = rows[0].shape[1]
-        self.rows[terms.name] = rows
-        self.pending.append(terms)
+        self.held[terms.name] = (terms, rows)
         if not self.row_form:
-            for concept in self.pending:
-                self._fold(concept, self.rows.pop(concept.name))
-            self.pending.clear()
+            for concept, held in self.held.values():
+                self._fold(concept, held)
+            self.held.clear()
+
+    @property
+    def rows(self) -> dict[str, list[torch.Tensor]]:
+        """The held rows per slot by concept (empty once folded into the Gram form)."""
+        return {name: rows for name, (_, rows) in self.held.items()}
 
     def _fold(self, terms: ConceptTerms, rows: list[torch.Tensor]) -> None:
         for slot, x in enumerate(rows):
@@ -50,17 +53,15 @@ class KVInputs:
                                                      [terms.down[q] for q in quals])
             self.agram.update({(terms.name, q): p for q, p in zip(quals, products)})
 
-    def site_inputs(self, slot: int, weights: dict[str, float], extra: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-        """(S, grams, rows) for a site reading `slot`: S includes the preservation rows `extra`; grams and rows
-        by concept in row form, None in Gram form (the terms then carry their A Ĝ from `agram`)."""
+    def site_inputs(self, slot: int, extra: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """(S, rows) for a site reading `slot`: S includes the preservation rows `extra`; the rows by concept in
+        row form, None in Gram form (the terms then carry their A Ĝ from `agram`)."""
         if self.row_form:
-            rows = {name: x[slot] for name, x in self.rows.items()}
-            grams = {name: x.T @ x / x.shape[0] for name, x in rows.items()}
-            S = sum(weights[name] * g for name, g in grams.items())
+            rows = {name: x[slot] for name, (_, x) in self.held.items()}
+            S = sum(terms.weight / x[slot].shape[0] * x[slot].T @ x[slot] for terms, x in self.held.values())
         else:
-            rows = grams = None
-            S = self.S[slot]
+            rows, S = None, self.S[slot]
         if extra is not None:
             S = S + extra.T @ extra
-        return S, grams, rows
+        return S, rows
