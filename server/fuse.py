@@ -154,7 +154,6 @@ class Fusion:
         self.slots = token_slots(base.unet, self.layout)  # the token slot each cross-attention block reads
         self.n_layers = max(self.slots) + 1
         self.models = base_models(base)
-        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float32 (the report)
         self.change: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float64, as solved
         self.w0: dict[str, torch.Tensor] = {}  # qual -> the base's weight before fusion (as loaded)
         self.kv_report: dict[str, dict[str, dict[str, float]]] = {}  # the report's k/v rows, by concept and layer
@@ -234,14 +233,12 @@ class Fusion:
                 with torch.no_grad():
                     exact = self.text64[model_name].get_submodule(module).weight
                     exact.add_(up.to(exact.device, torch.float64) @ down.to(exact.device, torch.float64))
-            up32, down32 = up.float().contiguous(), down.float().contiguous()
             qual = f"{model_name}.{module}"
-            self.lora[qual] = (up32, down32)
             self.change[qual] = (up.to(torch.float64).cpu(), down.to(torch.float64).cpu())
             layer = model.get_submodule(module)
             self.w0[qual] = layer.weight.detach().cpu().clone()
             with torch.no_grad():
-                layer.weight.copy_(apply_lowrank(layer.weight, up32, down32))
+                layer.weight.copy_(apply_lowrank(layer.weight, up.float(), down.float()))
 
     @torch.no_grad()
     def solve_text_side(self, progress: Progress) -> None:
@@ -287,7 +284,7 @@ class Fusion:
                     if qual not in terms.up:
                         continue
                     if qual not in prepared:
-                        prepared[qual] = layer_changes(self.state.concepts, qual, self.lora[qual])
+                        prepared[qual] = layer_changes(self.state.concepts, qual, self.change[qual])
                     changes, owners = prepared[qual]
                     own = owners[terms.name]
                     self.kv_report.setdefault(terms.name, {})[qual] = changes.row(own, gram) if gram is not None \
@@ -478,19 +475,22 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
                 sources[record["name"]].tensors.clear()  # their terms are in the state already
     elif remove:
         raise InvalidArgument("remove", "needs a fused model to update (from_dir)")
-    new_sources = [read_source(Path(p), base, need_stats) for p in packages]
-    for src in new_sources:
-        if src.meta.name in state.names() or src.meta.name in {s.meta.name for s in new_sources if s is not src}:
+    # One package at a time: read, checked, its terms added to the state, its tensors dropped. The server then
+    # never holds more than one package's tensors, whatever the number of concepts.
+    new_sources = []
+    for package in packages:
+        src = read_source(Path(package), base, need_stats)
+        if src.meta.name in state.names():
             raise UserError(f"two concepts are named {src.meta.name!r}; rename a package (concept.json 'name')")
-    preserve_grams = None
-    if preserve and method == "gradient" and not previous:
-        resolution = int(new_sources[0].meta.training.get("resolution", 512)) if new_sources else 512
-        preserve_grams = preservation_grams(base, client_sites_of(new_sources), preserve, resolution)
-    for src in new_sources:
         state.add(src.meta, src.tensors, src.stats, 1.0, dims)
         src.tensors.clear()  # the state holds its terms now (float64); the package's own copy is not needed again
         records.append({**concept_record(src, src.meta.n_layers), **(origins or {}).get(src.meta.name, {})})
         sources[src.meta.name] = src
+        new_sources.append(src)
+    preserve_grams = None
+    if preserve and method == "gradient" and not previous:  # the base is not changed by adding terms
+        resolution = int(new_sources[0].meta.training.get("resolution", 512)) if new_sources else 512
+        preserve_grams = preservation_grams(base, client_sites_of(new_sources), preserve, resolution)
     if preserve_grams:
         for site, gram in preserve_grams.items():
             state.S[site] = state.S[site] + gram
@@ -519,7 +519,7 @@ def identity_report(fusion: Fusion, sources: dict[str, Source]) -> IdentityRepor
         layer = fusion.models[model].get_submodule(module)
         return src.stats.normalised(src.stats.key_for(model, module), layer.in_features)
 
-    return IdentityReport(fusion.method, fusion.lam, fusion.state.concepts, fusion.lora, gram_of,
+    return IdentityReport(fusion.method, fusion.lam, fusion.state.concepts, fusion.change, gram_of,
                           set(sources), fusion.kv_report).compute()
 
 

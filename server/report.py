@@ -26,9 +26,11 @@ LEGEND_CONCEPTS = 8  # above this, the per-layer chart names line styles, not co
 
 def layer_changes(concepts: list[ConceptTerms], qual: str, fused: tuple[torch.Tensor, torch.Tensor]
                   ) -> tuple[LayerChanges, dict[str, Term]]:
-    """Layer `qual`'s prepared changes and its concepts' own terms by name (the report's one setup per layer)."""
+    """Layer `qual`'s prepared changes and its concepts' own terms by name (the report's one setup per layer).
+    The fused change is judged as applied to the base: rounded to float32."""
     owners = {c.name: Term(c.name, c.weight, c.up[qual], c.down[qual]) for c in concepts if qual in c.up}
-    return LayerChanges(fused, list(owners.values())), owners
+    up, down = fused
+    return LayerChanges((up.float(), down.float()), list(owners.values())), owners
 
 
 class IdentityReport:
@@ -41,10 +43,10 @@ class IdentityReport:
     """
 
     def __init__(self, method: str, lam: float, concepts: list[ConceptTerms],
-                 lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 changes: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  gram_of: Callable[[str, str], torch.Tensor | None], complete: set[str],
                  known: dict[str, dict[str, dict[str, float]]] | None = None):
-        self.method, self.lam, self.concepts, self.lora = method, lam, concepts, lora
+        self.method, self.lam, self.concepts, self.changes = method, lam, concepts, changes
         self.gram_of, self.complete, self.known = gram_of, complete, known or {}
         self.data: dict = {}
 
@@ -54,12 +56,12 @@ class IdentityReport:
         rows: dict[str, dict[str, dict[str, float]]] = {c.name: dict(self.known.get(c.name, {})) for c in self.concepts}
         sites: dict[str, list[str]] = {}
         done = {q for known in self.known.values() for q in known}
-        for qual in self.lora:
+        for qual in self.changes:
             if qual not in done:
                 model, _, module = qual.partition(".")
                 sites.setdefault(f"{model}.{site_of(module)}", []).append(qual)
         for quals in sites.values():
-            prepared = {q: layer_changes(self.concepts, q, self.lora[q]) for q in quals}
+            prepared = {q: layer_changes(self.concepts, q, self.changes[q]) for q in quals}
             for terms in self.concepts:
                 mine = [q for q in quals if q in terms.up]
                 gram = self.gram_of(terms.name, mine[0]) if mine else None

@@ -52,6 +52,32 @@ def test_save_tensors_gives_the_same_bytes_whatever_the_metadata_order(tmp_path)
     assert torch.equal(load_file(str(tmp_path / "0.safetensors"))["b"], tensors["b"])
 
 
+def test_save_tensors_writes_the_bytes_safetensors_writes(tmp_path):
+    """The project's one-tensor-at-a-time writer against safetensors' own save_file: every dtype it writes, a
+    scalar, an empty tensor, a non-ASCII name; with and without (one key of) metadata. Same bytes, and every
+    tensor reads back equal (so each one's data is where the header says, aligned as safetensors aligns it)."""
+    from safetensors.torch import load_file, save_file
+
+    from shared.tensor_files import DTYPE_NAMES
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t.{DTYPE_NAMES[d]}": (torch.randn(3, 5, generator=gen) * 100).to(d) for d in DTYPE_NAMES}
+    tensors |= {"scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.zeros(0, 4),
+                "größe": torch.arange(7, dtype=torch.int16), "a.odd": torch.ones(3, dtype=torch.uint8),
+                "strided": torch.arange(12.0).reshape(3, 4).T}
+    for metadata in (None, {"format": "mixshow-test ü"}):
+        ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+        save_tensors(ours, tensors, metadata)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(theirs), metadata=metadata)
+        assert ours.read_bytes() == theirs.read_bytes()
+        back = load_file(str(ours))
+        assert back.keys() == tensors.keys()
+        assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+    with pytest.raises(ValueError, match="complex"):
+        save_tensors(tmp_path / "bad.safetensors", {"c": torch.zeros(2, dtype=torch.complex64)})
+    assert not list(tmp_path.glob(".bad*"))
+
+
 @pytest.fixture(scope="module")
 def fp16_base(tiny_base, tmp_path_factory):
     """The tiny base stored in float16: the same weight values, so the same fingerprint."""
