@@ -31,7 +31,7 @@ def test_committed_base_loads_and_follows_single_object_prompts(judge):
     assert len({im.tobytes() for im in images}) == len(images)
 
 
-@pytest.mark.slow  # a 350-step training on the shapes base
+@pytest.mark.slow  # a 175-step training on the shapes base
 def test_a_world_concept_is_found_more_often_with_its_lora(judge, tmp_path, monkeypatch, capsys):
     """A brief ED-LoRA of the band-square (the world's concept-training settings, fewer and larger steps) on the
     shapes base: the evaluator finds it in more samples of the concept's prompt than of the base's own prompt with
@@ -44,9 +44,10 @@ def test_a_world_concept_is_found_more_often_with_its_lora(judge, tmp_path, monk
 
     make_world_concepts(tmp_path / "data", ["band-square"], images=12)
     shutil.copytree(BASE, tmp_path / "base")
-    # half the world's steps at twice its UNet learning rate: found in 9/12 and 8/12 samples (seeds 3 and 11;
-    # 10/12 with training seed 1), none without, measured; 1,000 steps at 1e-3 is the setting users get
-    cfg = TrainConfig(**{**CONCEPT_TRAINING, "steps": 350, "lr_unet": 2e-3, "preview": "none", "checkpoint_every": 0})
+    # a sixth of the world's steps at four times its UNet learning rate: found in 10/12 and 10/12 samples (seeds 3
+    # and 11), none without, measured; with training seed 1, 6/12 and 4/12 (350 steps at 2e-3: 9/12 and 8/12, in
+    # twice the training time); 1,000 steps at 1e-3 is the setting users get
+    cfg = TrainConfig(**{**CONCEPT_TRAINING, "steps": 175, "lr_unet": 4e-3, "preview": "none", "checkpoint_every": 0})
     pkg, _ = train_concept(tmp_path / "base", tmp_path / "data" / "band-square", ["<bsqr1>", "<bsqr2>"], "badge",
                            tmp_path / "band-square", cfg, show_progress=False)
     base = load_base(tmp_path / "base")
