@@ -96,11 +96,12 @@ class FusionState:
                 yield _site(qual), stats.normalised(stats.key_for(model, module), dims[qual])
 
     def save(self, path: Path, info: dict) -> None:
-        tensors = {f"S.{site}": s.to(torch.float64).contiguous() for site, s in self.S.items()}
+        # not made contiguous here: save_tensors does it one tensor at a time, as it writes
+        tensors = {f"S.{site}": s.to(torch.float64) for site, s in self.S.items()}
         for c in self.concepts:
             for kind in TERM_KINDS:
                 for key, t in getattr(c, kind).items():
-                    tensors[f"{kind}.{c.name}.{key}"] = t.contiguous()
+                    tensors[f"{kind}.{c.name}.{key}"] = t
         meta = {"format": "mixshow-fusion-state",
                 "concepts": json.dumps([{"name": c.name, "weight": c.weight} for c in self.concepts]),
                 "info": json.dumps(info)}
