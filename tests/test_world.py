@@ -10,7 +10,7 @@ import pytest
 from tests.badinput import run_mixshow
 from world.adherence import object_centre
 from world.concepts import BY_NAME, CONCEPTS, concept_scene, make_world_concepts
-from world.evaluator import Judge, held_out_accuracy
+from world.evaluator import Judge, TrainingBatches, batch, held_out_accuracy
 from world.scenes import COLOURS, SHAPES, TEXTURES, random_scene, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +61,20 @@ def judge():
 def test_evaluator_is_accurate_on_held_out_renders(judge):
     accuracy = held_out_accuracy(judge.model, 600)
     assert min(accuracy.values()) >= 0.98, accuracy
+
+
+def test_evaluator_batches_drawn_by_worker_processes_are_the_batches_of_one_process():
+    """The evaluator's training renders its batches in worker processes: step k's batch is the same renders
+    whichever process draws it, so the weights do not depend on the number of workers."""
+    import torch
+
+    batches = TrainingBatches(steps=3, batch_size=6, seed=1)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2)
+    for step, (x, y) in enumerate(loader):
+        x0, y0 = batch(10_000_000 + step * 6, 6)
+        assert torch.equal(x, x0) and all(torch.equal(y[k], y0[k]) for k in y0)
+    assert step == 2
+    assert not torch.equal(batches[0][0], batches[1][0])  # and steps do draw different renders
 
 
 def test_make_shapes_base_help_quotes_the_real_defaults(monkeypatch, capsys):

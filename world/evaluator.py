@@ -140,12 +140,40 @@ def batch(first: int, count: int, degraded: bool = True) -> tuple[torch.Tensor, 
     return x, {k: torch.tensor([i[1][k] for i in items]) for k in ("concept", "shape", "colour")}
 
 
+class TrainingBatches(torch.utils.data.Dataset):
+    """Batch `step` of a training run: the same renders whichever process draws them."""
+
+    def __init__(self, steps: int, batch_size: int, seed: int):
+        self.steps, self.batch_size, self.seed = steps, batch_size, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return batch(self.seed * 10_000_000 + step * self.batch_size, self.batch_size)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)
+
+
 def train_evaluator(out: Path, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                    show_progress: bool = True) -> dict:
-    """Train the evaluator and write `out/evaluator.safetensors`; returns its held-out accuracies."""
+                    show_progress: bool = True, workers: int = 2) -> dict:
+    """Train the evaluator and write `out/evaluator.safetensors`; returns its held-out accuracies.
+
+    Rendering the scenes costs several times the training step, so `workers` processes render the batches
+    while this one trains on one thread (measured here on 2 cores: 177 ms a step against 285 ms with the
+    rendering in this process); the batches, and so the weights, do not depend on `workers`."""
     number("steps", steps, 1, 1_000_000, integer=True)
     number("batch_size", batch_size, 1, 4096, integer=True)
+    number("workers", workers, 0, 64, integer=True)
     torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    if workers:
+        torch.set_num_threads(1)
+    loader = torch.utils.data.DataLoader(TrainingBatches(steps, batch_size, seed), batch_size=None,
+                                         num_workers=workers, worker_init_fn=_one_thread if workers else None,
+                                         prefetch_factor=4 if workers else None)
     model = Evaluator()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     start = time.monotonic()
@@ -154,8 +182,7 @@ def train_evaluator(out: Path, steps: int = 3000, batch_size: int = 64, lr: floa
     losses = []
     with Progress(*columns, disable=not show_progress) as progress:
         task = progress.add_task("evaluator", total=steps, loss="-")
-        for step in range(steps):
-            x, y = batch(seed * 10_000_000 + step * batch_size, batch_size)
+        for step, (x, y) in enumerate(loader):
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
             logits = model(x)
@@ -165,6 +192,7 @@ def train_evaluator(out: Path, steps: int = 3000, batch_size: int = 64, lr: floa
             optimizer.step()
             losses.append(float(loss.detach()))
             progress.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
+    torch.set_num_threads(threads)
     model.eval()
     accuracy = held_out_accuracy(model)
     degraded = held_out_accuracy(model, degraded=True)
