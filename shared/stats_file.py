@@ -31,8 +31,12 @@ Reading validates shape, finiteness, symmetry and positive semi-definiteness.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import sys
+import types
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -198,30 +202,56 @@ def write_stats(path: Path, grams: dict[str, torch.Tensor], rows: dict[str, int]
     save_tensors(path, tensors, meta)
 
 
+@functools.lru_cache(maxsize=64)
+def _shared(items: frozenset[tuple[str, str | None]]) -> Mapping[str, str | None]:
+    """One read-only dict for equal contents: a server holding fifty clients' stats of the same layers keeps
+    their module -> Gram key table once, not fifty times."""
+    return types.MappingProxyType({sys.intern(k): v if v is None else sys.intern(v) for k, v in sorted(items)})
+
+
 class Stats:
-    """A validated stats file: normalised Grams Ĝ = G / n (float64) by module, read on demand."""
+    """A validated stats file: normalised Grams Ĝ = G / n (float64) by module, read on demand.
+
+    Of its header only what reading a Gram needs is kept (the alias table, each Gram's encoding, count and
+    width), shared between files with the same values; `meta` and `keys` read the header again when asked."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"{self.path} is missing: run `mixshow stats` for this package first")
-        try:
-            with safe_open(str(self.path), framework="pt") as f:
-                self.meta = f.metadata() or {}
-                self.keys = set(f.keys())
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"stats file {self.path} is damaged or truncated ({exc}); recompute it") from exc
-        if self.meta.get("format") != "mixshow-stats":
+        meta, keys = self._header()
+        if meta.get("format") != "mixshow-stats":
             raise UserError(f"{self.path} is not a mixshow stats file")
-        self.packing = self.meta.get("packing", "full32")
-        self.aliases = {k[len("alias."):]: v for k, v in self.meta.items() if k.startswith("alias.")}
-        info = parse_json(self.meta.get("info", "{}"), f"the metadata 'info' of stats file {self.path}")
+        self.packing = meta.get("packing", "full32")
+        # an alias whose Gram is absent maps to None: key_for refuses it when (and only if) it is asked for
+        self.aliases = _shared(frozenset((k[len("alias."):], v if v in keys else None)
+                                         for k, v in meta.items() if k.startswith("alias.")))
+        self.entries = _shared(frozenset((k, v) for k, v in meta.items()
+                                         if k.startswith(("pack.", "rows.", "dim."))))
+        info = parse_json(meta.get("info", "{}"), f"the metadata 'info' of stats file {self.path}")
         if not isinstance(info, dict):
             raise UserError(f"stats file {self.path}: metadata 'info' is not a JSON object; recompute the stats")
         self.info = info
 
+    def _header(self) -> tuple[dict[str, str], set[str]]:
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.metadata() or {}, set(f.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"stats file {self.path} is damaged or truncated ({exc}); recompute it") from exc
+
+    @property
+    def meta(self) -> dict[str, str]:
+        """The file's metadata, read again."""
+        return self._header()[0]
+
+    @property
+    def keys(self) -> set[str]:
+        """The file's tensor names, read again."""
+        return self._header()[1]
+
     def _int_meta(self, name: str, key: str) -> int:
-        text = self.meta.get(f"{name}.{key}")
+        text = self.entries.get(f"{name}.{key}")
         if text is None or not text.isdigit() or int(text) < 1:
             raise UserError(f"stats file {self.path}: {name}.{key} is {text!r}, not a positive count; "
                             "recompute the stats")
@@ -230,16 +260,16 @@ class Stats:
     def key_for(self, model: str, module: str) -> str:
         """The gram key that `<model>.<module>`'s input is stored under."""
         key = self.aliases.get(f"{model}.{module}")
-        if key is None or key not in self.keys:
+        if key is None:
             raise UserError(f"stats file {self.path} has no Gram for {model}.{module}; recompute it")
         return key
 
     def encoding(self, key: str) -> str:
-        return self.meta.get(f"pack.{key}", "full32")
+        return self.entries.get(f"pack.{key}", "full32")
 
     def dim(self, key: str) -> int:
         """d_in of the Gram stored under `key`, as written."""
-        if f"dim.{key}" in self.meta:
+        if f"dim.{key}" in self.entries:
             return self._int_meta("dim", key)
         with safe_open(str(self.path), framework="pt") as f:
             return int(f.get_slice(key).get_shape()[0])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -31,8 +32,9 @@ DTYPE_NAMES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", t
 _RANK = {dtype: i for i, dtype in enumerate(DTYPE_NAMES)}
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file with reproducible bytes, atomically (a temporary name, then a rename)."""
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file with reproducible bytes, atomically (a temporary name, then a rename).
+    `tensors` may be any mapping; a tensor is looked up when it is written (and for its dtype and shape)."""
     if sys.byteorder != "little":
         raise RuntimeError("safetensors files are little-endian; this writer does not convert byte order")
     for name, t in tensors.items():

@@ -110,6 +110,23 @@ def test_fuse_from_a_damaged_fusion_state(tiny_base, fused_three, three_packages
     assert_clean_error(args, tmp_path, "fusion state", monkeypatch, capsys, out=tmp_path / "fused-b")
 
 
+def test_fuse_from_a_fusion_state_with_a_dotted_concept_name(tiny_base, fused_three, tmp_path, monkeypatch, capsys):
+    """A concept name the fuser would never write ('a.b') is refused when the state is read: the state's file
+    names are <kind>.<concept>.<module>, so such a name would make one concept's terms another's."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(fused_three["gradient"], tmp_path, "fused-a")
+    state = folder / "fusion_state.safetensors"
+    with safe_open(str(state), framework="pt") as f:
+        meta = f.metadata()
+    entries = json.loads(meta["concepts"])
+    entries[0]["name"] = "red.circle"
+    save_file(load_file(str(state)), str(state), metadata={**meta, "concepts": json.dumps(entries)})
+    args = ["fuse", "--from", folder, "--remove", "green-triangle", "--out", tmp_path / "fused-b"]
+    assert_clean_error(args, tmp_path, "concept list is malformed", monkeypatch, capsys, out=tmp_path / "fused-b")
+
+
 # ------------------------------------------------------------------------------------ hostile file store
 
 

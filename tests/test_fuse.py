@@ -175,6 +175,46 @@ def test_add_then_remove_and_from_plus_add(tiny_base, three_packages, fused_thre
     assert names == ["red-circle", "blue-square"]
 
 
+def test_the_fusion_state_keeps_each_concept_in_one_buffer_per_kind_and_round_trips(tiny_base, three_packages,
+                                                                                      fused_three, tmp_path):
+    """What a server holds per concept is its numbers, not ten thousand small tensors at fifty concepts: each
+    concept's terms are views of one buffer per kind, its stats share the alias table of the others, and the
+    state saved and loaded again is the same numbers bit for bit."""
+    from server.fuse import module_dims, read_source
+    from server.state import FusionState
+
+    base = load_base(tiny_base)
+    state, sources = FusionState(), [read_source(p, base, True) for p in three_packages]
+    for src in sources:
+        tensors = dict(src.tensors)
+        terms = state.add(src.meta, src.tensors, src.stats, 1.0, module_dims(base))
+        for kind in ("up", "down", "agram"):
+            views = list(getattr(terms, kind).values())
+            assert len(views) > 10 and len({v.untyped_storage().data_ptr() for v in views}) == 1
+        qual = next(iter(terms.down))
+        assert torch.equal(terms.down[qual], tensors[f"{qual}.lora_A.weight"].double())
+        assert torch.equal(terms.up[qual], src.meta.lora_scale * tensors[f"{qual}.lora_B.weight"].double())
+    assert sources[0].stats.aliases is sources[1].stats.aliases  # the same layers: one table
+    state.save(tmp_path / "state.safetensors", {})
+    again, _ = FusionState.load(tmp_path / "state.safetensors")
+    assert again.names() == state.names()
+    for a, b in zip(state.concepts, again.concepts):
+        for kind in ("up", "down", "agram", "emb"):
+            assert sorted(getattr(a, kind)) == sorted(getattr(b, kind))
+            assert all(torch.equal(getattr(a, kind)[k], getattr(b, kind)[k]) for k in getattr(a, kind))
+    # and the file is the one `mixshow fuse` wrote for the same three packages, byte for byte
+    state.save(tmp_path / "again.safetensors", fused_three_state_info(fused_three))
+    assert (tmp_path / "again.safetensors").read_bytes() == (fused_three["gradient"] /
+                                                             "fusion_state.safetensors").read_bytes()
+
+
+def fused_three_state_info(fused_three) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(fused_three["gradient"] / "fusion_state.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["info"])
+
+
 @pytest.mark.slow
 def test_identical_words_both_survive(tiny_base, toys, tmp_path):
     from client.train import train_concept
