@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,41 @@ def qualified_prompts(record: dict) -> list[str]:
     return [fill_template(t, phrase) for t in record["prompt_templates"]]
 
 
+class FusedChanges(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Each fused layer's change W* − W0 = up @ down (float64), by model-qualified name.
+
+    `up` is the layer's concepts' own s_i B_i side by side (times 1/N for 'average'), which the fusion state
+    holds already; so only `down`, the solved half, is kept, and `up` is put together again when asked for. A
+    change whose `up` is not exactly that is kept whole.
+    """
+
+    def __init__(self, state: FusionState):
+        self.state = state
+        self._kept: dict[str, tuple[float | None, torch.Tensor, torch.Tensor | None]] = {}
+
+    def _stacked(self, qual: str) -> torch.Tensor:
+        return torch.cat([c.up[qual].to(torch.float64) for c in self.state.concepts if qual in c.up], dim=1)
+
+    def keep(self, qual: str, up: torch.Tensor, down: torch.Tensor) -> None:
+        stacked = self._stacked(qual)
+        owners = sum(qual in c.up for c in self.state.concepts)
+        scale = next((s for s in (1.0, 1.0 / owners) if torch.equal(up, s * stacked if s != 1.0 else stacked)), None)
+        self._kept[qual] = (scale, down, None) if scale is not None else (None, down, up)
+
+    def __getitem__(self, qual: str) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, down, up = self._kept[qual]
+        if up is None:
+            stacked = self._stacked(qual)
+            up = stacked if scale == 1.0 else scale * stacked
+        return up, down
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._kept)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
 class Fusion:
     """Solves a fusion state onto a freshly loaded base and writes the FUSED folder."""
 
@@ -154,7 +190,7 @@ class Fusion:
         self.slots = token_slots(base.unet, self.layout)  # the token slot each cross-attention block reads
         self.n_layers = max(self.slots) + 1
         self.models = base_models(base)
-        self.change: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # qual -> (up, down) float64, as solved
+        self.change = FusedChanges(state)  # qual -> (up, down) float64, as solved
         self.w0: dict[str, torch.Tensor] = {}  # qual -> the base's weight before fusion (as loaded)
         self.kv_report: dict[str, dict[str, dict[str, float]]] = {}  # the report's k/v rows, by concept and layer
         self.kv_agram: dict[tuple[str, str], torch.Tensor] = {}  # (concept, qual) -> A Ĝ of a k/v layer, while solved
@@ -234,7 +270,7 @@ class Fusion:
                     exact = self.text64[model_name].get_submodule(module).weight
                     exact.add_(up.to(exact.device, torch.float64) @ down.to(exact.device, torch.float64))
             qual = f"{model_name}.{module}"
-            self.change[qual] = (up.to(torch.float64).cpu(), down.to(torch.float64).cpu())
+            self.change.keep(qual, up.to(torch.float64).cpu(), down.to(torch.float64).cpu())
             layer = model.get_submodule(module)
             self.w0[qual] = layer.weight.detach().cpu().clone()
             with torch.no_grad():

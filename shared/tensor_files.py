@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -42,19 +42,27 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict
             raise ValueError(f"tensor {name!r}: a dense tensor of {', '.join(map(str, DTYPE_NAMES))} is needed, "
                              f"not {t.layout} {t.dtype}")
     names = sorted(tensors, key=lambda k: (_RANK[tensors[k].dtype], k))
-    parts = [] if metadata is None else [f'"__metadata__":{_json(dict(sorted(metadata.items())))}']
-    offset = 0
-    for name in names:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        parts.append(f'{_json(name)}:{{"dtype":"{DTYPE_NAMES[t.dtype]}","shape":{_json(list(t.shape))},'
-                     f'"data_offsets":[{offset},{offset + size}]}}')
-        offset += size
-    header = ("{" + ",".join(parts) + "}").encode()
-    header += b" " * (-len(header) % 8)
+
+    def parts() -> Iterator[bytes]:  # the header's entries, made twice (to measure, then to write): never all held
+        if metadata is not None:
+            yield f'"__metadata__":{_json(dict(sorted(metadata.items())))}'.encode()
+        offset = 0
+        for name in names:
+            t = tensors[name]
+            size = t.numel() * t.element_size()
+            yield (f'{_json(name)}:{{"dtype":"{DTYPE_NAMES[t.dtype]}","shape":{_json(list(t.shape))},'
+                   f'"data_offsets":[{offset},{offset + size}]}}').encode()
+            offset += size
+
+    count = sum(1 for _ in parts())
+    length = 2 + sum(len(part) for part in parts()) + max(count - 1, 0)  # braces and commas
+    padding = -length % 8
     with file_beside(Path(path)) as tmp, open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(header)))
-        fh.write(header)
+        fh.write(struct.pack("<Q", length + padding))
+        fh.write(b"{")
+        for i, part in enumerate(parts()):
+            fh.write(b"," + part if i else part)
+        fh.write(b"}" + b" " * padding)
         for name in names:
             fh.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
