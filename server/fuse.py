@@ -556,7 +556,7 @@ def identity_report(fusion: Fusion, sources: dict[str, Source]) -> IdentityRepor
         return src.stats.normalised(src.stats.key_for(model, module), layer.in_features)
 
     return IdentityReport(fusion.method, fusion.lam, fusion.state.concepts, fusion.change, gram_of,
-                          set(sources), fusion.kv_report).compute()
+                          set(sources), fusion.kv_report, order=list(module_dims(fusion.base))).compute()
 
 
 def locate_package(record: dict, base: Base, need_stats: bool) -> Source:

@@ -45,9 +45,12 @@ class IdentityReport:
     def __init__(self, method: str, lam: float, concepts: list[ConceptTerms],
                  changes: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  gram_of: Callable[[str, str], torch.Tensor | None], complete: set[str],
-                 known: dict[str, dict[str, dict[str, float]]] | None = None):
+                 known: dict[str, dict[str, dict[str, float]]] | None = None, order: list[str] | None = None):
         self.method, self.lam, self.concepts, self.changes = method, lam, concepts, changes
         self.gram_of, self.complete, self.known = gram_of, complete, known or {}
+        # the layers' model order (`order`: model-qualified names); a concept read back from a fusion state
+        # has its terms in the file's (alphabetical) order, and its chart line must run over the same layers
+        self.position = {q: i for i, q in enumerate(order or [])}
         self.data: dict = {}
 
     def compute(self) -> IdentityReport:
@@ -70,7 +73,8 @@ class IdentityReport:
                     rows[terms.name][q] = changes.row(owners[terms.name], gram)
         concepts = {}
         for terms in self.concepts:
-            layers = {q: rows[terms.name][q] for q in terms.up if q in rows[terms.name]}  # in model order
+            ordered = sorted(terms.up, key=lambda q: self.position.get(q, len(self.position)))
+            layers = {q: rows[terms.name][q] for q in ordered if q in rows[terms.name]}  # in model order
             means = {col: sum(r[col] for r in layers.values()) / len(layers) for col in COLUMNS} if layers else {}
             concepts[terms.name] = {"mean": means, "layers": layers, "complete": terms.name in self.complete}
         self.data = {"method": self.method, "lam": self.lam, "columns": list(COLUMNS), "concepts": concepts}

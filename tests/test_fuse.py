@@ -163,8 +163,13 @@ def test_fused_folder_loads_plainly_and_fused_lora_gives_same_weights_and_image(
 def test_add_then_remove_and_from_plus_add(tiny_base, three_packages, fused_three, tmp_path):
     first_two = three_packages[:2]
     fuse(tiny_base, first_two, tmp_path / "two", show_progress=False)
-    fuse(None, [three_packages[2]], tmp_path / "two+1", from_dir=tmp_path / "two", show_progress=False)
+    report = fuse(None, [three_packages[2]], tmp_path / "two+1", from_dir=tmp_path / "two", show_progress=False)
     assert _max_rel(_weights(tmp_path / "two+1"), _weights(fused_three["gradient"])) <= 1e-6
+    # the concepts read back from the state report their layers in model order, as the one added now and as a
+    # fusion from scratch do (the chart's lines run over the same layers)
+    scratch = json.loads((fused_three["gradient"] / "fusion_report.json").read_text())["concepts"]
+    for name, entry in report["concepts"].items():
+        assert list(entry["layers"]) == list(scratch[name]["layers"]), name
     fuse(None, [], tmp_path / "back", from_dir=fused_three["gradient"], remove=["green-triangle"],
          show_progress=False)
     assert _max_rel(_weights(tmp_path / "back"), _weights(tmp_path / "two")) <= 1e-6
