@@ -37,6 +37,26 @@ def test_compose_structure_and_references():
     assert (ROOT / "docs" / "deploy.md").is_file()
 
 
+def test_images_copy_every_package_the_project_installs():
+    """Each Dockerfile copies what exists and every package pyproject installs (`pip install -e .` in the image
+    would otherwise leave verbs such as `mixshow sample` without their code), and builds from a BASE argument
+    (deploy/build-images.sh builds them on a local base)."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in include}
+    for name in ("Dockerfile.server", "Dockerfile.client"):
+        text = (ROOT / "deploy" / name).read_text()
+        copied = set()
+        for line in text.splitlines():
+            if line.startswith("COPY "):
+                sources = line.split()[1:-1]
+                assert all((ROOT / src).exists() for src in sources), (name, line)
+                copied.update(sources)
+        assert packages <= copied, (name, packages - copied)
+        assert "FROM ${BASE}" in text and "ARG TORCH=" in text, name
+
+
 @pytest.mark.slow  # four RSA-4096 keys
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl, ssh-keygen")
 def test_make_certs_writes_every_file_the_compose_file_mounts(tmp_path):
