@@ -128,7 +128,8 @@ def adapted_layers(models: list[tuple[str, torch.nn.Module]], latent: int) -> li
     """The method's adapted layers of each (name, model): text encoders' self_attn q/k/v/out, the UNet's attn1
     and attn2 q/k/v/out.0, each with its input site, widths, kind and rows per concept (`latent`: the latent
     side, for the spatial rows)."""
-    from shared.lora import TEXT_TARGETS, UNET_TARGETS, target_modules
+    from shared.lora import target_modules
+    from shared.names import TEXT_TARGETS, UNET_TARGETS
 
     layers = []
     for model_name, model in models:

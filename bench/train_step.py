@@ -37,7 +37,8 @@ from fixtures.tiny_base import make_tiny_base  # noqa: E402
 from fixtures.toy_concepts import make_toy_concepts  # noqa: E402
 from shared.base import load_base  # noqa: E402
 from shared.edlora import TOKEN_LAYOUTS, added_conditions  # noqa: E402
-from shared.lora import UNET_TARGETS, add_lora, lora_parameters, target_modules  # noqa: E402
+from shared.lora import add_lora, lora_parameters, target_modules  # noqa: E402
+from shared.names import UNET_TARGETS  # noqa: E402
 
 
 class PlainLoRA:

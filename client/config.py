@@ -14,11 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from shared.edlora import TOKEN_LAYOUTS
 from shared.errors import InvalidArgument, UserError
-from shared.lora import TEXT_TARGETS, UNET_TARGETS
+from shared.names import MAX_SEED, TEXT_TARGETS, TOKEN_LAYOUTS, UNET_TARGETS
 from shared.package import DEFAULT_TEMPLATES
-from shared.sampling import MAX_SEED
 from shared.validate import number, read_text
 
 RESOLUTION_STEP = 8  # every SD VAE halves at least 3 times; the base may need a larger multiple (checked there)

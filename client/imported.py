@@ -23,7 +23,7 @@ from shared.atomic import staged_dir
 from shared.base import Base, load_base
 from shared.edlora import check_new_words, class_word_embedding, cross_attention_layers
 from shared.errors import InvalidArgument, UserError
-from shared.lora import TEXT_TARGETS, UNET_TARGETS
+from shared.names import TEXT_TARGETS, UNET_TARGETS
 from shared.package import EMBEDDING_KINDS, ConceptMeta, save_package
 from shared.validate import check_tensors
 

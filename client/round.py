@@ -18,16 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import TrainConfig, load_config
-from client.stats import compute_stats
-from client.train import train_concept
 from protos import mixshow_pb2 as pb
 from shared import storage
 from shared.atomic import staged_dir
-from shared.base import load_base
 from shared.device import parse_device, parse_dtype
 from shared.errors import InvalidArgument, UserError
+from shared.names import MAX_SEED
 from shared.package import PACKAGE_FILES, WEIGHTS_FILE, read_package
-from shared.sampling import MAX_SEED
 from shared.stats_file import STATS_FILE
 from shared.storage import open_store, sha256_file
 
@@ -125,6 +122,11 @@ def package_for(config: pb.RoundConfig, node: NodeSettings) -> tuple[Path, bool]
         finished = False
     if pkg.exists() and not finished:
         shutil.rmtree(pkg)
+    # imported here, not at the top: a client reusing its package never loads diffusers (shared.package says why)
+    from client.stats import compute_stats
+    from client.train import train_concept
+    from shared.base import load_base
+
     device, dtype = parse_device(node.device), parse_dtype(node.dtype)
     base = load_base(node.base, device, dtype, sdxl=True)
     if base.fingerprint != config.base_fingerprint:
@@ -156,6 +158,9 @@ def ready_package(config: pb.RoundConfig, node: NodeSettings, pkg: Path) -> tupl
                 if (node.package / name).is_file():
                     shutil.copy2(node.package / name, stage / name)
     if not (pkg / STATS_FILE).is_file():
+        from client.stats import compute_stats
+        from shared.base import load_base
+
         base = load_base(node.base, parse_device(node.device), parse_dtype(node.dtype), sdxl=True)
         compute_stats(base, pkg, samples=config.stats_samples or None, show_progress=False)
     return pkg, reused

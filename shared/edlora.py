@@ -25,6 +25,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from shared.errors import InvalidArgument, UserError
+from shared.names import TOKEN_LAYOUTS
 
 RANDOM_INIT_STD = 0.013
 
@@ -37,7 +38,6 @@ def cross_attention_layers(unet: UNet2DConditionModel) -> list[str]:
     return sorted(names, key=lambda n: order[n.split(".")[0]])
 
 
-TOKEN_LAYOUTS = ("block", "module")
 
 
 def token_slots(unet: UNet2DConditionModel, layout: str = "block") -> list[int]:

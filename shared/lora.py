@@ -17,9 +17,6 @@ from peft.tuners.lora import LoraLayer
 from shared.validate import number
 
 ADAPTER = "default"
-UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
-TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 
 
 def target_modules(model: torch.nn.Module, suffixes: tuple[str, ...] | list[str]) -> list[str]:

@@ -16,28 +16,24 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from shared.base import Base
-from shared.edlora import (
-    TOKEN_LAYOUTS,
-    LayerwiseTextEncoder,
-    LayerwiseTextEncoderXL,
-    TokenMap,
-    add_tokens,
-    check_new_words,
-    install_layer_processors,
-    layer_token_names,
-    token_slots,
-)
 from shared.errors import UserError
-from shared.lora import add_lora, import_lora
+from shared.names import TOKEN_LAYOUTS
 from shared.stats_file import STATS_FILE
 from shared.tensor_files import save_tensors
 from shared.validate import check_tensors, read_json
+
+# What needs a base (diffusers, transformers, PEFT) is imported inside the functions that take one: reading,
+# checking and writing a package then stays light, and a client reusing its package in a round starts in a
+# fraction of the time (importing them costs ~7 s on a 2-core machine, and Flower starts a process per round).
+if TYPE_CHECKING:
+    from shared.base import Base
+    from shared.edlora import LayerwiseTextEncoder, LayerwiseTextEncoderXL, TokenMap
 
 FORMAT_VERSION = 1
 EMBEDDING_KINDS = ("emb", "emb_2")  # key prefixes of a word's rows for the first and (SDXL) second text encoder
@@ -202,6 +198,8 @@ def read_package(folder: Path) -> tuple[ConceptMeta, dict[str, torch.Tensor]]:
 
 def check_against_base(meta: ConceptMeta, tensors: dict[str, torch.Tensor], base: Base, where: Path) -> None:
     """The package fits `base`: same fingerprint, same layer count, every LoRA the shape of its layer."""
+    from shared.edlora import token_slots
+
     if meta.base_fingerprint != base.fingerprint:
         raise UserError(f"concept package {where} was trained on base {meta.base_fingerprint[:12]}, but the base "
                         f"{base.source} is {base.fingerprint[:12]}: use the base it was trained on")
@@ -238,12 +236,16 @@ def check_against_base(meta: ConceptMeta, tensors: dict[str, torch.Tensor], base
 
 def token_map_for(meta: ConceptMeta) -> TokenMap:
     """Token names for a package's words: one per layer, or a single one in plain-LoRA mode."""
+    from shared.edlora import TokenMap, layer_token_names
+
     n = meta.n_layers if meta.layerwise else 1
     return TokenMap(meta.n_layers, {w: layer_token_names(w, n) for w in meta.words})
 
 
 def layerwise_encoder(base: Base, token_map: TokenMap) -> LayerwiseTextEncoder | LayerwiseTextEncoderXL:
     """The base's layer-wise text encoder for `token_map` (both encoders on SDXL)."""
+    from shared.edlora import LayerwiseTextEncoder, LayerwiseTextEncoderXL
+
     if base.text_encoder_2 is None:
         return LayerwiseTextEncoder(base.tokenizer, base.text_encoder, token_map)
     return LayerwiseTextEncoderXL(*(LayerwiseTextEncoder(tokenizer, encoder, token_map, penultimate=True)
@@ -252,6 +254,9 @@ def layerwise_encoder(base: Base, token_map: TokenMap) -> LayerwiseTextEncoder |
 
 def apply_concept(base: Base, folder: Path) -> tuple[ConceptMeta, LayerwiseTextEncoder | LayerwiseTextEncoderXL]:
     """Load a concept package onto `base` in place; return its metadata and a layer-wise text encoder."""
+    from shared.edlora import add_tokens, check_new_words, install_layer_processors
+    from shared.lora import add_lora, import_lora
+
     meta, tensors = read_package(folder)
     check_against_base(meta, tensors, base, Path(folder))
     for _, tokenizer, _ in base.text_models():

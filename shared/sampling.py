@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from shared.base import Base
 from shared.edlora import LayerwiseTextEncoder, LayerwiseTextEncoderXL
 from shared.errors import InvalidArgument, UserError
+from shared.names import MAX_SEED
 from shared.validate import number
 
 SCHEDULERS = {
@@ -22,7 +23,6 @@ SCHEDULERS = {
 }
 
 
-MAX_SEED = 2**32 - 1
 LIMITS: dict[str, tuple[float, float, bool]] = {  # setting: (lowest, highest, integer), both ends allowed
     "seed": (0, MAX_SEED, True),
     "steps": (1, 1000, True),

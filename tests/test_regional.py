@@ -372,7 +372,8 @@ def test_transparent_and_cmyk_condition_images(tmp_path):
 # -- LoRA scale through PEFT -----------------------------------------------------------------------------------
 def _lora_text_encoder(tiny_base):
     """The tiny base's text encoder with a randomly initialised (non-zero) LoRA, and a batch of token ids."""
-    from shared.lora import TEXT_TARGETS, add_lora, target_modules
+    from shared.lora import add_lora, target_modules
+    from shared.names import TEXT_TARGETS
 
     base = load_base(tiny_base)
     model = base.text_encoder

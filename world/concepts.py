@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from shared.atomic import staged_dir
-from shared.lora import UNET_TARGETS
+from shared.names import UNET_TARGETS
 from shared.validate import number
 from world.scenes import BACKGROUNDS, COLOURS, LAYOUTS, Scene, WorldObject, random_object, render
 
