@@ -149,21 +149,18 @@ class FusedChanges(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
         self.state = state
         self._kept: dict[str, tuple[float | None, torch.Tensor, torch.Tensor | None]] = {}
 
-    def _stacked(self, qual: str) -> torch.Tensor:
-        return torch.cat([c.up[qual].to(torch.float64) for c in self.state.concepts if qual in c.up], dim=1)
+    def _stacked(self, qual: str) -> tuple[torch.Tensor, int]:
+        ups = [c.up[qual].to(torch.float64) for c in self.state.concepts if qual in c.up]
+        return torch.cat(ups, dim=1), len(ups)
 
     def keep(self, qual: str, up: torch.Tensor, down: torch.Tensor) -> None:
-        stacked = self._stacked(qual)
-        owners = sum(qual in c.up for c in self.state.concepts)
-        scale = next((s for s in (1.0, 1.0 / owners) if torch.equal(up, s * stacked if s != 1.0 else stacked)), None)
-        self._kept[qual] = (scale, down, None) if scale is not None else (None, down, up)
+        stacked, owners = self._stacked(qual)
+        scale = next((s for s in (1.0, 1.0 / owners) if torch.equal(up, s * stacked)), None)  # x 1.0 is exact
+        self._kept[qual] = (scale, down, None if scale is not None else up)
 
     def __getitem__(self, qual: str) -> tuple[torch.Tensor, torch.Tensor]:
         scale, down, up = self._kept[qual]
-        if up is None:
-            stacked = self._stacked(qual)
-            up = stacked if scale == 1.0 else scale * stacked
-        return up, down
+        return (scale * self._stacked(qual)[0] if up is None else up), down
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._kept)

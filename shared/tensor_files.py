@@ -54,8 +54,8 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict
                    f'"data_offsets":[{offset},{offset + size}]}}').encode()
             offset += size
 
-    count = sum(1 for _ in parts())
-    length = 2 + sum(len(part) for part in parts()) + max(count - 1, 0)  # braces and commas
+    sizes = [len(part) for part in parts()]
+    length = 2 + sum(sizes) + max(len(sizes) - 1, 0)  # braces and commas
     padding = -length % 8
     with file_beside(Path(path)) as tmp, open(tmp, "wb") as fh:
         fh.write(struct.pack("<Q", length + padding))

@@ -168,9 +168,6 @@ def train_evaluator(out: Path, steps: int = 3000, batch_size: int = 64, lr: floa
     number("batch_size", batch_size, 1, 4096, integer=True)
     number("workers", workers, 0, 64, integer=True)
     torch.manual_seed(seed)
-    threads = torch.get_num_threads()
-    if workers:
-        torch.set_num_threads(1)
     loader = torch.utils.data.DataLoader(TrainingBatches(steps, batch_size, seed), batch_size=None,
                                          num_workers=workers, worker_init_fn=_one_thread if workers else None,
                                          prefetch_factor=4 if workers else None)
@@ -180,19 +177,24 @@ def train_evaluator(out: Path, steps: int = 3000, batch_size: int = 64, lr: floa
     columns = (TextColumn("[bold]evaluator"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     losses = []
-    with Progress(*columns, disable=not show_progress) as progress:
-        task = progress.add_task("evaluator", total=steps, loss="-")
-        for step, (x, y) in enumerate(loader):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-            logits = model(x)
-            loss = sum(F.cross_entropy(logits[k], y[k]) for k in logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            progress.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
-    torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    if workers:
+        torch.set_num_threads(1)  # the workers render on the other cores
+    try:
+        with Progress(*columns, disable=not show_progress) as progress:
+            task = progress.add_task("evaluator", total=steps, loss="-")
+            for step, (x, y) in enumerate(loader):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+                logits = model(x)
+                loss = sum(F.cross_entropy(logits[k], y[k]) for k in logits)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                progress.update(task, completed=step + 1, loss=f"{np.mean(losses[-20:]):.4f}")
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     accuracy = held_out_accuracy(model)
     degraded = held_out_accuracy(model, degraded=True)
