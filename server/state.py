@@ -165,7 +165,9 @@ class FusionState:
                 and not isinstance(e.get("weight"), bool) and math.isfinite(e["weight"]) and e["weight"] > 0
                 for e in entries):
             raise UserError(f"fusion state {path}: its concept list is malformed; the file is damaged")
-        state = cls({k[2:]: v for k, v in tensors.items() if k.startswith("S.")})
+        # S and the embedding rows are cloned (the terms are copied into their buffers anyway): views of the
+        # file's mapping would keep all of it mapped, and would change if the file were rewritten in place
+        state = cls({k[2:]: v.clone() for k, v in tensors.items() if k.startswith("S.")})
         for site, S in state.S.items():
             if S.ndim != 2 or S.shape[0] != S.shape[1]:
                 raise UserError(f"fusion state {path}: S.{site} is not a square matrix")
@@ -176,7 +178,7 @@ class FusionState:
                 parts[kind] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             terms = ConceptTerms(entry["name"], float(entry["weight"]), *(PackedTensors(parts[kind])
                                                                           for kind in ("up", "down", "agram")),
-                                 parts["emb"], parts["emb_2"])
+                                 *({k: v.clone() for k, v in parts[kind].items()} for kind in ("emb", "emb_2")))
             if set(terms.up) != set(terms.down) or not terms.emb:
                 raise UserError(f"fusion state {path}: the terms of concept {terms.name!r} are incomplete")
             state.concepts.append(terms)

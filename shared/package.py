@@ -173,7 +173,9 @@ def read_package(folder: Path) -> tuple[ConceptMeta, dict[str, torch.Tensor]]:
     if meta.format_version != FORMAT_VERSION:
         raise UserError(f"{meta_path} has format_version {meta.format_version}; this mixshow reads {FORMAT_VERSION}")
     try:
-        tensors = load_file(str(weights_path))
+        # owned copies: load_file's tensors are views of the file's mapping, which then stays mapped (and in the
+        # reader's memory) as long as any one of them lives, e.g. a fused concept's embedding rows
+        tensors = {key: tensor.clone() for key, tensor in load_file(str(weights_path)).items()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{weights_path} cannot be read as safetensors ({exc}); the file is damaged") from exc
     check_tensors(tensors, str(weights_path))

@@ -284,8 +284,10 @@ class Stats:
         if not shapes:
             raise UserError(f"{self.path}: {key} has an unknown encoding {encoding!r}; recompute the stats")
         try:
-            with safe_open(str(self.path), framework="pt") as f:
-                tensors = {part: f.get_tensor(part_key(part, key)) for part in shapes}
+            # numpy, then torch: safetensors' "pt" reads leak ~64 B each (measured), a stats file is read once per
+            # site and concept, and its dtypes (int16, uint8, float32, float64) all exist in numpy
+            with safe_open(str(self.path), framework="np") as f:
+                tensors = {part: torch.from_numpy(f.get_tensor(part_key(part, key))) for part in shapes}
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"stats file {self.path} is damaged or truncated at {key} ({exc})") from exc
         allowed = {"gram": {"full64": torch.float64, "tri24": torch.int16, "tri16": torch.int16}.get(encoding,

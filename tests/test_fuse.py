@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,6 +203,7 @@ def test_the_fusion_state_keeps_each_concept_in_one_buffer_per_kind_and_round_tr
     assert sources[0].stats.aliases is sources[1].stats.aliases  # the same layers: one table
     state.save(tmp_path / "state.safetensors", {})
     again, _ = FusionState.load(tmp_path / "state.safetensors")
+    flip_data_in_place(tmp_path / "state.safetensors")  # what was loaded is the loader's own copy
     assert again.names() == state.names()
     for a, b in zip(state.concepts, again.concepts):
         for kind in ("up", "down", "agram", "emb"):
@@ -211,6 +213,32 @@ def test_the_fusion_state_keeps_each_concept_in_one_buffer_per_kind_and_round_tr
     state.save(tmp_path / "again.safetensors", fused_three_state_info(fused_three))
     assert (tmp_path / "again.safetensors").read_bytes() == (fused_three["gradient"] /
                                                              "fusion_state.safetensors").read_bytes()
+
+
+def test_a_read_package_owns_its_tensors(three_packages, tmp_path):
+    """The tensors of a package are the server's own copies: rewriting the file in place afterwards changes none of
+    them (what was checked is what is fused), and the file is not kept mapped by a fused concept's embedding rows."""
+    from shared.package import read_package
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(three_packages[0], pkg)
+    weights = pkg / "edlora.safetensors"
+    meta, tensors = read_package(pkg)
+    kept = {key: tensor.clone() for key, tensor in tensors.items()}
+    flip_data_in_place(weights)
+    assert all(torch.equal(tensors[key], kept[key]) for key in kept)
+    maps = Path("/proc/self/maps")
+    if maps.is_file():
+        assert str(weights) not in maps.read_text()
+
+
+def flip_data_in_place(path: Path) -> None:
+    """Invert every data byte of a safetensors file, keeping its header and its inode."""
+    raw = path.read_bytes()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    with path.open("r+b") as f:
+        f.seek(header)
+        f.write(bytes(b ^ 0xFF for b in raw[header:]))
 
 
 def fused_three_state_info(fused_three) -> dict:
