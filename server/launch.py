@@ -63,6 +63,33 @@ def toml_value(value) -> str:
     return json.dumps(str(value))
 
 
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """Copy into `dest` the files of `app_dir` that Flower packs into the app bundle (FAB), and nothing else.
+
+    `flwr run` lists every file under the app folder before it filters them, the project's virtual
+    environment included (about 57,000 files: 4 to 7 s a round here). Here ignored folders are skipped as
+    they are found, with Flower's own patterns and the app's .gitignore, so Flower builds the same bundle from
+    `dest` in milliseconds."""
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+    from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS, APP_PUBLISH_INCLUDE_PATTERNS
+
+    gitignore = app_dir / ".gitignore"
+    skip = build_pathspec([*APP_PUBLISH_EXCLUDE_PATTERNS,
+                           *(load_gitignore_patterns(gitignore) if gitignore.is_file() else [])])
+    take = build_pathspec(APP_PUBLISH_INCLUDE_PATTERNS)
+    for folder, subfolders, files in os.walk(app_dir):
+        relative = Path(folder).relative_to(app_dir)
+        subfolders[:] = [d for d in subfolders if not skip.match_file(f"{(relative / d).as_posix()}/")
+                         and not (Path(folder) / d).is_symlink()]
+        for name in files:
+            rel = (relative / name).as_posix()
+            source = Path(folder) / name
+            if take.match_file(rel) and not skip.match_file(rel) and not source.is_symlink():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, dest / rel)
+    return dest
+
+
 def launch_round(superlink: str, run_config: dict, root_cert: Path | None = None, insecure: bool = False,
                  poll: float = 1.0, timeout: float = 3600.0, log=print) -> dict:
     """Start the round, wait for it to finish; return the run's status record (UserError when it failed)."""
@@ -70,10 +97,11 @@ def launch_round(superlink: str, run_config: dict, root_cert: Path | None = None
     env = flwr_env(superlink, root_cert, insecure)
     flwr = shutil.which("flwr", path=env["PATH"]) or "flwr"
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-    command = [flwr, "run", str(APP_DIR), CONNECTION, "--format", "json"]
-    if overrides:
-        command += ["--run-config", overrides]
-    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    with tempfile.TemporaryDirectory(prefix="mixshow-app-") as staged:
+        command = [flwr, "run", str(stage_app(APP_DIR, Path(staged))), CONNECTION, "--format", "json"]
+        if overrides:
+            command += ["--run-config", overrides]
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     try:
         answer = json.loads(started.stdout)
     except json.JSONDecodeError:
