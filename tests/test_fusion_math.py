@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from shared.errors import InvalidArgument
 from shared.fusion import (
     LayerChanges,
     Term,
@@ -16,6 +18,7 @@ from shared.fusion import (
     naive_lora,
     objective,
     regularised_cholesky,
+    right_solve,
 )
 
 D = torch.float64
@@ -142,3 +145,26 @@ def test_row_form_equals_the_gram_form():
     up_r, down_r = fused_lora_rows(ups, downs, xs, lam, weights, extra)
     assert torch.equal(up, up_r)
     assert float((down_r - down).norm() / down.norm()) <= 1e-9
+
+
+def test_the_blocked_factor_is_the_cholesky_factor_and_says_where_it_fails():
+    """regularised_cholesky by blocks (a last block shorter than the others, and one block) gives LAPACK's
+    lower factor, the solves on it are exact, and a matrix that is not positive definite is refused naming
+    its first failing leading minor, whichever block it falls in."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(50, 30, generator=gen, dtype=D)
+    S, lam = X.T @ X / 50, 1e-3
+    exact = torch.linalg.cholesky(S + lam * torch.eye(30, dtype=D))
+    rows = torch.randn(5, 30, generator=gen, dtype=D)
+    for block in (7, 30, 64):
+        factor = regularised_cholesky(S, lam, block=block)
+        assert torch.allclose(factor.tril(), exact, rtol=0, atol=1e-13)
+        solved = right_solve(rows, factor)
+        assert torch.allclose(solved, torch.linalg.solve(S + lam * torch.eye(30, dtype=D), rows.T).T, rtol=0,
+                              atol=1e-10 * solved.abs().max())
+    assert torch.equal(S, X.T @ X / 50)  # S itself untouched
+    broken = S.clone()
+    broken[17, 17] = -1.0  # leading minors 1..17 are positive definite, the 18th is not
+    for block in (7, 64):
+        with pytest.raises(InvalidArgument, match="leading minor 18"):
+            regularised_cholesky(broken, lam, block=block)
