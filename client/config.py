@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from shared.errors import InvalidArgument, UserError
-from shared.names import MAX_SEED, TEXT_TARGETS, TOKEN_LAYOUTS, UNET_TARGETS
+from shared.names import LAYOUT_SETTINGS, MAX_SEED, TEXT_TARGETS, UNET_TARGETS
 from shared.package import DEFAULT_TEMPLATES
 from shared.validate import number, read_text
 
@@ -50,8 +50,9 @@ class TrainConfig:
     batch_size: int = 2
     resolution: int = 512
     layerwise: bool = True  # False: plain-LoRA mode, one embedding shared by all layers
-    token_layout: str = "block"  # a layer-wise token per cross-attention block, or per attention module
-    # ("module": the blocks of one module share it); the same on SD 1.x, where each module holds one block
+    token_layout: str = "auto"  # a layer-wise token per cross-attention block, or per attention module
+    # ("module": the blocks of one module share it); "auto": module where a module holds several blocks (SDXL),
+    # else block (SD 1.x, where each module holds one block and the two are the same)
     rank: int = 4
     alpha: float = 4.0  # LoRA scale s = alpha / rank
     unet_targets: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
@@ -130,8 +131,8 @@ class TrainConfig:
         if self.resolution % RESOLUTION_STEP:
             raise InvalidArgument("resolution", f"{self.resolution} is not a multiple of {RESOLUTION_STEP} "
                                   f"(e.g. {max(64, self.resolution // RESOLUTION_STEP * RESOLUTION_STEP)})")
-        if self.token_layout not in TOKEN_LAYOUTS:
-            raise InvalidArgument("token_layout", f"{self.token_layout!r} must be one of {', '.join(TOKEN_LAYOUTS)}")
+        if self.token_layout not in LAYOUT_SETTINGS:
+            raise InvalidArgument("token_layout", f"{self.token_layout!r} must be one of {', '.join(LAYOUT_SETTINGS)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InvalidArgument("mixed_precision", f"{self.mixed_precision!r} must be no, fp16 or bf16")
         if not isinstance(self.preview, str) or not (self.preview in PREVIEW_WORDS

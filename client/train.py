@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from shared.edlora import (
     embedding_scale,
     install_layer_processors,
     layer_token_names,
+    resolve_token_layout,
     token_slots,
 )
 from shared.errors import InvalidArgument, UserError
@@ -94,10 +95,16 @@ class Concept:
         return out
 
 
+def with_layout_of(base: Base, cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its token layout resolved for this base ('auto' becomes block or module)."""
+    return replace(cfg, token_layout=resolve_token_layout(base.unet, cfg.token_layout))
+
+
 def prepare_concept(base: Base, words: list[str], class_word: str, cfg: TrainConfig, name: str,
                     generator: torch.Generator) -> Concept:
     """Add the concept's tokens (random + class-word init) and LoRA adapters to `base`. Token settings left
     unset in `cfg` follow the base's embedding scale; the concept records the settings it used."""
+    cfg = with_layout_of(base, cfg)
     n = max(token_slots(base.unet, cfg.token_layout)) + 1
     for _, tokenizer, _ in base.text_models():
         check_new_words(tokenizer, words, n, base.source)
@@ -158,7 +165,8 @@ class Trainer:
 
     def __init__(self, concept: Concept, examples: list[Example], cfg: TrainConfig, generator: torch.Generator):
         self.c, self.examples, self.gen = concept, examples, generator
-        self.cfg = cfg.for_embeddings(*concept.embedding_scale)
+        # the settings as this concept uses them: its embedding scale, and the token layout it resolved to
+        self.cfg = replace(cfg.for_embeddings(*concept.embedding_scale), token_layout=concept.meta.token_layout)
         base = concept.base
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
         self.params = concept.trainable()
@@ -344,6 +352,7 @@ def train_concept(base: Path | str | Base, data: Path, words: list[str], class_w
     if not isinstance(base, Base):
         base = load_base(base, device, dtype, base_config, sdxl=True)
     check_resolution(base, cfg.resolution)
+    cfg = with_layout_of(base, cfg)  # the layout the package records, and the checkpoint's identity
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     concept = prepare_concept(base, words, class_word, cfg, name or out.name, gen)
     identity = {"base": base.fingerprint, "words": list(words), "class_word": class_word, "data": str(Path(data)),

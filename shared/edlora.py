@@ -51,6 +51,16 @@ def token_slots(unet: UNet2DConditionModel, layout: str = "block") -> list[int]:
     return [modules.setdefault(name.split(".transformer_blocks.")[0], len(modules)) for name in layers]
 
 
+def resolve_token_layout(unet: UNet2DConditionModel, setting: str) -> str:
+    """The layout a training setting means on this UNet. 'auto' is one token per attention module where some
+    module holds several transformer blocks (SDXL: 11 tokens instead of 70; measured the cheaper to train,
+    docs/sdxl.md), else one per block (SD 1.x, where the two are the same slices: packages as before)."""
+    if setting != "auto":
+        token_slots(unet, setting)  # checks the name
+        return setting
+    return "module" if token_slots(unet, "module") != token_slots(unet, "block") else "block"
+
+
 def layer_token_names(word: str, n_layers: int) -> list[str]:
     """Tokenizer entries for one concept word: `<word>_0` ... `<word>_{n-1}`."""
     return [f"{word}_{k}" for k in range(n_layers)]

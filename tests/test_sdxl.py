@@ -503,3 +503,24 @@ def test_sdxl_preservation_prompts_keep_generic_prompts_closer_to_the_base(sdxl_
         drift[name] = (float(gap[..., :width].norm()), float(gap[..., width:].norm()),
                        float((pooled - reference[1]).norm()))
     assert all(p < q for p, q in zip(drift["preserve"], drift["plain"])), drift
+
+
+def test_the_default_token_layout_is_per_module_on_sdxl_and_per_block_on_sd(sdxl_base, tiny_base):
+    """The default ('auto') gives one token per attention module where a module holds several blocks (the
+    tiny SDXL base: 11 blocks in 7 modules), and one per block on SD 1.x, where the two coincide: there the
+    package records 'block', as every SD 1.x package did before."""
+    from client.config import TrainConfig
+    from client.train import prepare_concept
+    from shared.edlora import token_slots
+    from shared.errors import InvalidArgument
+
+    assert TrainConfig().token_layout == "auto"
+    for path, expected, tokens in ((sdxl_base, "module", 7), (tiny_base, "block", 7)):
+        base = load_base(path, sdxl=True)
+        concept = prepare_concept(base, ["<zz1>", "<zz2>"], "toy", TrainConfig(resolution=64), "z",
+                                  torch.Generator().manual_seed(0))
+        assert concept.meta.token_layout == concept.meta.training["token_layout"] == expected
+        assert concept.meta.n_layers == max(token_slots(base.unet, expected)) + 1 == tokens
+    assert len(token_slots(load_base(sdxl_base, sdxl=True).unet, "block")) == 11
+    with pytest.raises(InvalidArgument, match="token_layout"):
+        TrainConfig(token_layout="layer").check()
