@@ -67,9 +67,9 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
     """Copy into `dest` the files of `app_dir` that Flower packs into the app bundle (FAB), and nothing else.
 
     `flwr run` lists every file under the app folder before it filters them, the project's virtual
-    environment included (about 57,000 files: 4 to 7 s a round here). Here ignored folders are skipped as
-    they are found, with Flower's own patterns and the app's .gitignore, so Flower builds the same bundle from
-    `dest` in milliseconds."""
+    environment included (about 57,000 files: 3.5 s a round on a 2-core machine). Here ignored folders are
+    skipped as they are found, with Flower's own patterns and the app's .gitignore, so Flower builds the same
+    bundle from `dest` in milliseconds."""
     from flwr.cli.utils import build_pathspec, load_gitignore_patterns
     from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS, APP_PUBLISH_INCLUDE_PATTERNS
 
