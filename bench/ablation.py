@@ -8,6 +8,8 @@ Trains world concepts as ED-LoRA and as plain LoRA, computes their Grams, and me
 - after fusing all concepts: each concept's presence and retention (fused / single), for gradient fusion,
   weight averaging and summing, ED-LoRA vs LoRA, beside the identity-loss report's mean;
 - leakage: how often a fused model shows a concept when the prompt names another concept or none;
+- the base kept: single-object prompts naming no concept, colour and shape both right, for each fused model
+  and for the base itself (gradient fusion with and without preservation prompts, server.preservation);
 - composition: 2 and 3 concepts in one image, regional sampling vs the plain prompt: the share of samples
   in which every concept is found in its own box.
 Prints one table; writes ablation.json and a PNG grid into --out.
@@ -39,13 +41,19 @@ from shared.base import load_base  # noqa: E402
 from shared.fused_model import expand_prompt, load_fused  # noqa: E402
 from shared.package import apply_concept  # noqa: E402
 from shared.sampling import generate, image_grid  # noqa: E402
+from world.adherence import measure  # noqa: E402
 from world.concepts import CONCEPT_TRAINING, CONCEPTS, make_world_concepts  # noqa: E402
 from world.evaluator import Judge  # noqa: E402
+from world.scenes import ordinary_prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEFT, RIGHT = Box(0.0, 0.0, 1.0, 0.5), Box(0.0, 0.5, 1.0, 1.0)
 THIRDS = (Box(0.0, 0.0, 1.0, 0.34), Box(0.0, 0.33, 1.0, 0.67), Box(0.0, 0.66, 1.0, 1.0))
 GUIDANCE, STEPS = 4.0, 20
+PRESERVE = 32  # ordinary world captions whose Grams keep the base (what `mixshow demo` federates with)
+BASE_PROMPTS = 64  # single-object prompts that measure how much of the base a fused model keeps
+METHODS = {"gradient": ("gradient", PRESERVE), "gradient-nopres": ("gradient", 0), "average": ("average", 0),
+           "sum": ("sum", 0)}
 
 
 def box_tuple(box: Box) -> tuple[float, float, float, float]:
@@ -91,7 +99,8 @@ def fused_measures(judge: Judge, folder: Path, names: list[str], seeds: int) -> 
     plain = judge.labels(sample(base, encoder, ["a photo of a shape"], seeds))
     for name in names:
         leakage[name].extend(v["concept"] == name for v in plain)
-    return {"presence": presence, "leakage": {n: share(h) for n, h in leakage.items()}}
+    kept = measure(base, judge, count=BASE_PROMPTS)[0].both
+    return {"presence": presence, "leakage": {n: share(h) for n, h in leakage.items()}, "base_kept": kept}
 
 
 def composition(judge: Judge, folder: Path, names: list[str], seeds: int, regional: bool) -> float:
@@ -132,8 +141,10 @@ def main() -> None:
     if not data.exists():
         make_world_concepts(data, [c.name for c in concepts], images=12)
     result: dict = {"settings": {"concepts": [c.name for c in concepts], "train_steps": steps, "seeds": seeds,
-                                 "guidance": GUIDANCE, "sampler_steps": STEPS}, "modes": {}}
+                                 "guidance": GUIDANCE, "sampler_steps": STEPS, "preserve_prompts": PRESERVE},
+                    "modes": {}}
     grid_rows: list = []
+    result["base_kept"] = measure(load_base(args.base), judge, count=BASE_PROMPTS)[0].both
     for mode in ("edlora", "lora"):
         packages = []
         for k, concept in enumerate(concepts):
@@ -149,11 +160,12 @@ def main() -> None:
         print(f"[{time.monotonic() - start:5.0f} s] sampling the {mode} single-client models", flush=True)
         singles = {c.name: single_client(judge, args.base, p, c, seeds, grid_rows) for c, p in zip(concepts, packages)}
         fused = {}
-        for method in ("gradient", "average", "sum"):
+        for method, (how, preserve) in METHODS.items():
             folder = out / mode / f"fused-{method}"
             print(f"[{time.monotonic() - start:5.0f} s] {mode}: fusing by {method} and sampling", flush=True)
-            report = fuse(args.base, packages, folder, method=method, show_progress=False) if not folder.exists() \
-                else json.loads((folder / "fusion_report.json").read_text())
+            report = fuse(args.base, packages, folder, method=how, preserve=preserve, show_progress=False,
+                          preserve_prompts=ordinary_prompts(PRESERVE) if preserve else None) \
+                if not folder.exists() else json.loads((folder / "fusion_report.json").read_text())
             measures = fused_measures(judge, folder, [c.name for c in concepts], seeds)
             measures["retention"] = {n: measures["presence"][n] / singles[n]["presence"] if singles[n]["presence"]
                                      else None for n in singles}
@@ -178,8 +190,8 @@ def main() -> None:
 def print_table(result: dict) -> None:
     table = Table(title=f"ablation on the shapes base ({result['seconds']:.0f} s): presence = share of samples in "
                         "which the evaluator finds the concept")
-    for column in ("mode", "concept", "single", "left", "+square", "gradient", "average", "sum", "retain grad",
-                   "retain avg", "id-loss grad", "leak grad"):
+    for column in ("mode", "concept", "single", "left", "+square", "gradient", "grad nopres", "average", "sum",
+                   "retain grad", "retain avg", "id-loss grad", "leak grad"):
         table.add_column(column, justify="left" if column in ("mode", "concept") else "right")
     for mode, data in result["modes"].items():
         for name, single in data["single"].items():
@@ -187,10 +199,14 @@ def print_table(result: dict) -> None:
             ret = [f[m]["retention"][name] for m in ("gradient", "average")]
             table.add_row(mode, name, f"{single['presence']:.2f}", f"{single['left']:.2f}",
                           f"{single['pair_square']:.2f}", *[f"{f[m]['presence'][name]:.2f}" for m in
-                                                           ("gradient", "average", "sum")],
+                                                           ("gradient", "gradient-nopres", "average", "sum")],
                           *["-" if r is None else f"{r:.2f}" for r in ret],
                           f"{f['gradient']['identity_loss'][name]:.3f}", f"{f['gradient']['leakage'][name]:.2f}")
     Console(width=200).print(table)
+    for mode, data in result["modes"].items():
+        print(f"{mode} base kept (single-object prompts naming no concept, colour and shape both right; the base "
+              f"itself {result['base_kept']:.2f}): " + ", ".join(f"{m} {data['fused'][m]['base_kept']:.2f}"
+                                                               for m in METHODS))
     for mode, data in result["modes"].items():
         comp = data["fused"]["gradient"].get("composition", {})
         print(f"{mode} composition (every concept in its own box): " +

@@ -10,6 +10,7 @@ DEMO_CONCEPTS = ("crescent", "band-square", "arrow")  # the three the ablation's
 # The clients' own training settings are the world's (world.concepts.CONCEPT_TRAINING) but for steps and
 # resolution, which the round sets: each client chooses its own, as in a real federation.
 ROUND_SETS = ("steps", "resolution")
+PRESERVE_PROMPTS = 32
 
 
 def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (created; must be new or empty)"),
@@ -48,6 +49,7 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
     from shared.validate import number
     from world.concepts import CONCEPT_TRAINING, make_world_concepts
     from world.evaluator import Judge
+    from world.scenes import ordinary_prompts
 
     number("seeds", seeds, 1, 64, integer=True)
     console = Console()
@@ -73,8 +75,11 @@ def run(out: Path = typer.Option(Path("demo-out"), "--out", help="demo folder (c
               "work-dir": str(out / "clients" / c["name"]),
               "device": device, "train-config": str(training)} for c in concepts]
     store_url = f"file://{out / 'store'}"
+    preserve = out / "preserve-prompts.txt"  # ordinary world captions: the fused model keeps the base on them
+    preserve.write_text("\n".join(ordinary_prompts(PRESERVE_PROMPTS)) + "\n")
     settings = RoundSettings.from_config({"store": store_url, "base": str(base), "min-clients": 3, "wait": 60,
-                                          "steps": steps, "resolution": 64, "stats-samples": 4})
+                                          "steps": steps, "resolution": 64, "stats-samples": 4,
+                                          "preserve-prompts": str(preserve)})
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     console.print(f"[bold]federation round[/]: 3 simulated clients, store {store_url}")
     result = run_demo_round(settings, nodes, out)

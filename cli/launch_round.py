@@ -24,6 +24,9 @@ def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the
                                                                 "each); the latest version must hold it"),
         signing_key: Path = typer.Option(None, "--signing-key", help="Ed25519 private key (PEM) that signs the "
                                                                      "published version (deploy/make-certs.sh)"),
+        preserve_prompts: Path = typer.Option(None, "--preserve-prompts", help="prompts (a file, one per line, "
+                                              "read by the ServerApp) the federation's first fusion keeps the "
+                                              "base's behaviour on"),
         root_cert: Path = typer.Option(None, "--root-cert", help="CA certificate of the SuperLink's TLS"),
         insecure: bool = typer.Option(False, "--insecure", help="plain-text connection (tests, loopback)")) -> None:
     """Launch a fusion round on a SuperLink and follow it to the end. Settings not given come from the app's
@@ -37,7 +40,8 @@ def run(superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the
     given = {"store": store, "base": str(Path(base).resolve()), "min-clients": min_clients, "timeout": timeout,
              "wait": wait, "steps": steps, "resolution": resolution, "stats-samples": stats_samples,
              "retrain": retrain, "signing-key": str(signing_key.resolve()) if signing_key else None,
-             "max-upload-mb": max_upload_mb, "remove": ",".join(remove) if remove else None}
+             "max-upload-mb": max_upload_mb, "remove": ",".join(remove) if remove else None,
+             "preserve-prompts": str(preserve_prompts.resolve()) if preserve_prompts else None}
     given = {k: v for k, v in given.items() if v is not None}
     settings = RoundSettings.from_config(given)  # checked here, before anything starts
     open_store(store)  # a wrong store fails here, not inside the round

@@ -19,6 +19,7 @@ import torch
 from rich.progress import Progress
 
 from server.kv_inputs import KVInputs
+from server.preservation import GENERIC_PROMPTS, check_prompts, preservation_grams
 from server.report import IdentityReport, layer_changes
 from server.state import FusionState
 from shared.atomic import check_fresh_output, staged_dir
@@ -36,7 +37,7 @@ from shared.edlora import (
 from shared.errors import InvalidArgument, UserError
 from shared.fused_model import CONCEPTS_FILE, LORA_FILE, NAME_PATTERN, STATE_FILE, qualified, read_concepts
 from shared.fusion import DEFAULT_LAM, METHODS, Term, apply_lowrank, fuse_site
-from shared.grams import GramRecorder, group_sites, is_text_side, site_of
+from shared.grams import group_sites, is_text_side, site_of
 from shared.package import (
     EMBEDDING_KINDS,
     META_FILE,
@@ -45,17 +46,13 @@ from shared.package import (
     ConceptMeta,
     check_against_base,
     fill_template,
-    layerwise_encoder,
     read_package,
 )
-from shared.sampling import generate
 from shared.stats_file import STATS_FILE, Stats
 from shared.storage import sha256_file
 from shared.tensor_files import save_tensors
 from shared.validate import number
 
-GENERIC_PROMPTS = ("a photo of a dog", "a painting of a house", "a red car on the road", "a man in a room",
-                   "a woman on the beach", "a cat on the grass", "a city street at night", "a tree in the snow")
 KV_ROWS = ("all", "concept")
 
 
@@ -175,14 +172,14 @@ class Fusion:
     row_form = True  # the n x n solve for text-side sites with fewer rows than width (same result, cheaper)
 
     def __init__(self, base: Base, state: FusionState, records: list[dict], method: str, lam: float,
-                 preserve: int, kv_rows: str = "all", show_progress: bool = True):
+                 preserve: list[str], kv_rows: str = "all", show_progress: bool = True):
         if method not in METHODS:
             raise InvalidArgument("method", f"{method!r} is not one of {', '.join(METHODS)}")
         if kv_rows not in KV_ROWS:
             raise InvalidArgument("kv_rows", f"{kv_rows!r} is not one of {', '.join(KV_ROWS)}")
         self.kv_rows = kv_rows
         self.base, self.state, self.records = base, state, records
-        self.method, self.lam, self.preserve = method, lam, preserve
+        self.method, self.lam, self.preserve = method, lam, list(preserve)  # the preservation prompts
         self.layout = token_layout_of(records)
         self.slots = token_slots(base.unet, self.layout)  # the token slot each cross-attention block reads
         self.n_layers = max(self.slots) + 1
@@ -287,8 +284,7 @@ class Fusion:
             modules_of_slot.setdefault(slot_of[site], []).extend(f"unet.{m}" for m in modules)
         encoder = self.kv_encoder()
         length = self.base.tokenizer.model_max_length
-        preserve = self.text_rows(encoder, list(GENERIC_PROMPTS[: self.preserve]), length, concept=False) \
-            if self.preserve else None
+        preserve = self.text_rows(encoder, self.preserve, length, concept=False) if self.preserve else None
         inputs = KVInputs(0 if preserve is None else preserve[0].shape[0], self.row_form, modules_of_slot)
         for record, terms in zip(self.records, self.state.concepts):
             inputs.add(terms, self.text_rows(encoder, qualified_prompts(record), length, concept=True))
@@ -361,8 +357,8 @@ class Fusion:
                 errors[qual] = relative_error(stored, exact)
         pipe = base.pipeline()
         pipe.save_pretrained(stage, safe_serialization=True)
-        concepts = {"format_version": 1, "method": self.method, "lam": self.lam, "preserve": self.preserve,
-                    "kv_rows": self.kv_rows,
+        concepts = {"format_version": 1, "method": self.method, "lam": self.lam, "preserve": len(self.preserve),
+                    "preserve_prompts": self.preserve, "kv_rows": self.kv_rows,
                     "n_layers": self.n_layers, "base_fingerprint": info["base_fingerprint"],
                     "base": info["base"], "concepts": self.records}
         if self.layout != "block":
@@ -380,7 +376,7 @@ class Fusion:
                 tensors[f"{kind}.{q}"] = getattr(terms, kind)[q.split("/", 1)[1]].to(lora_dtype).contiguous()
         save_tensors(stage / LORA_FILE, tensors, metadata={"format": "mixshow-fused-lora",
                                                            "concepts": json.dumps(concepts)})
-        self.state.save(stage / STATE_FILE, {"method": self.method, "lam": self.lam, "preserve": self.preserve,
+        self.state.save(stage / STATE_FILE, {"method": self.method, "lam": self.lam, "preserve": len(self.preserve),
                                              "base_fingerprint": info["base_fingerprint"]})
         return {"folder_dtype": str(dtype).removeprefix("torch."), "lora_dtype": str(lora_dtype).removeprefix("torch."),
                 "folder_change_error": summary(errors), "lora_change_error": summary(lora_errors)}
@@ -410,25 +406,6 @@ def balanced_factors(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -
     return up.to(dtype).contiguous(), down.to(dtype).contiguous()
 
 
-def preservation_grams(base: Base, sites: dict[str, dict[str, list[str]]], n: int, resolution: int,
-                       steps: int = 20) -> dict[str, torch.Tensor]:
-    """Ĝ of `n` generic prompts through the base model, at every client-side site (target: W0): the text
-    encoders' (both on SDXL) while the prompts are encoded, the UNet's while the base samples them."""
-    plain = layerwise_encoder(base, TokenMap(len(cross_attention_layers(base.unet))))
-    prompts = list(GENERIC_PROMPTS[:n])
-    models = [(prefix, encoder) for prefix, _, encoder in base.text_models()]
-    out = {}
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        recorders = {prefix: stack.enter_context(GramRecorder(model, list(sites.get(prefix, {}))))
-                     for prefix, model in models}
-        plain.encode(prompts)
-        with GramRecorder(base.unet, list(sites.get("unet", {}))) as unet_recorder:
-            generate(base, plain, prompts, steps=steps, height=resolution, width=resolution)
-        for prefix, rec in {**recorders, "unet": unet_recorder}.items():
-            out.update({f"{prefix}.{s}": rec.grams[s] / rec.rows[s] for s in rec.grams})
-    return out
-
-
 def client_sites_of(sources: list[Source]) -> dict[str, dict[str, list[str]]]:
     """{model prefix: {site: its adapted modules}} of the client-side sites of `sources` (the text encoders'
     and the UNet's layers whose input the client records)."""
@@ -441,14 +418,14 @@ def client_sites_of(sources: list[Source]) -> dict[str, dict[str, list[str]]]:
     return sites
 
 
-def check_settings(method: str, lam: float, preserve: int, kv_rows: str) -> None:
+def check_settings(method: str, lam: float, preserve: int, prompts: list[str], kv_rows: str) -> None:
     """The fusion's settings, checked before anything is loaded."""
     if method not in METHODS:
         raise InvalidArgument("method", f"{method!r} is not one of {', '.join(METHODS)}")
     number("lam", lam, 0, 1e6, low_open=True)
-    if number("preserve", preserve, 0, None, integer=True) > len(GENERIC_PROMPTS):
-        raise InvalidArgument("preserve", f"{preserve} generic prompts asked for, but there are "
-                                          f"{len(GENERIC_PROMPTS)}; give at most {len(GENERIC_PROMPTS)}")
+    if number("preserve", preserve, 0, None, integer=True) > len(prompts):
+        raise InvalidArgument("preserve", f"{preserve} preservation prompts asked for, but there are "
+                                          f"{len(prompts)}; give at most {len(prompts)}")
     if kv_rows not in KV_ROWS:
         raise InvalidArgument("kv_rows", f"{kv_rows!r} is not one of {', '.join(KV_ROWS)}")
 
@@ -457,8 +434,13 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
          preserve: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          base_config: Path | None = None, from_dir: Path | None = None, remove: list[str] | None = None,
          kv_rows: str = "all", show_progress: bool = True, out_dtype: torch.dtype | None = None,
-         lora_dtype: torch.dtype = torch.float16, origins: dict[str, dict] | None = None) -> dict:
+         lora_dtype: torch.dtype = torch.float16, origins: dict[str, dict] | None = None,
+         preserve_prompts: list[str] | None = None) -> dict:
     """Fuse packages into FUSED at `out` (atomically); with `from_dir`, update that fusion instead.
+
+    `preserve` N adds the Grams of the first N preservation prompts (`preserve_prompts`, default
+    GENERIC_PROMPTS) through the base, with target W0 (server.preservation); an update keeps the prompts its
+    fusion recorded.
 
     `dtype` is the dtype the base is loaded and the fusion run in; `out_dtype` the folder's weights on disk
     (default: the dtype the base itself is stored in), `lora_dtype` fused_lora.safetensors'. `origins`
@@ -474,12 +456,16 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
         try:
             method, lam, preserve, kv_rows = (previous["method"], previous["lam"], previous["preserve"],
                                               previous["kv_rows"])
+            preserve_prompts = previous.get("preserve_prompts", list(GENERIC_PROMPTS[:preserve])) or None
             base_path = base_path or Path(str(previous["base"]))
         except KeyError as exc:
             raise UserError(f"{from_dir}/{CONCEPTS_FILE} lacks {exc}; it was not written by `mixshow fuse`") from exc
     if base_path is None:
         raise InvalidArgument("base", "is required")
-    check_settings(method, lam, preserve, kv_rows)
+    where = f"{from_dir}/{CONCEPTS_FILE}: preserve_prompts" if previous else "preserve_prompts"
+    prompts = check_prompts(preserve_prompts, where) if preserve_prompts is not None else list(GENERIC_PROMPTS)
+    check_settings(method, lam, preserve, prompts, kv_rows)
+    prompts = prompts[:preserve]
     for argument, value in (("out_dtype", out_dtype), ("lora_dtype", lora_dtype)):
         if value is not None and value not in OUTPUT_DTYPES:
             raise InvalidArgument(argument, f"{value} is not one of float16, bfloat16, float32")
@@ -523,13 +509,14 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
     preserve_grams = None
     if preserve and method == "gradient" and not previous:  # the base is not changed by adding terms
         resolution = int(new_sources[0].meta.training.get("resolution", 512)) if new_sources else 512
-        preserve_grams = preservation_grams(base, client_sites_of(new_sources), preserve, resolution)
+        preserve_grams = preservation_grams(base, client_sites_of(new_sources), prompts, resolution)
     if preserve_grams:
         for site, gram in preserve_grams.items():
             state.S[site] = state.S[site] + gram
     if not state.concepts:
         raise InvalidArgument("concept", "nothing to fuse: give at least one package (or leave one after removing)")
-    fusion = Fusion(base, state, records, method, lam, preserve, kv_rows, show_progress)
+    fusion = Fusion(base, state, records, method, lam, prompts if method == "gradient" else [], kv_rows,
+                    show_progress)
     fusion.run()
     report = identity_report(fusion, sources)
     with staged_dir(out) as stage:

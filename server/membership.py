@@ -153,11 +153,13 @@ class Changes:
         self.origins[name] = {"client": node, "source": prefix}
         return f"ok: {name}" + (" (reused)" if manifest.reused else "")
 
-    def fuse(self, base_path: Path, store: Store, work: Path) -> Path:
-        """The new version's FUSED folder: an incremental fusion of the previous state (or one from scratch)."""
+    def fuse(self, base_path: Path, store: Store, work: Path, preserve_prompts: list[str] | None = None) -> Path:
+        """The new version's FUSED folder: an incremental fusion of the previous state (which keeps its own
+        preservation prompts), or one from scratch, preserving the base on `preserve_prompts`."""
         out = work / "fused"
         if self.previous.folder is None:
-            fuse(base_path, self.packages, out, show_progress=False, origins=self.origins)
+            fuse(base_path, self.packages, out, show_progress=False, origins=self.origins,
+                 preserve=len(preserve_prompts or []), preserve_prompts=preserve_prompts or None)
             return out
         left = [r["name"] for r in self.previous.records if r["name"] not in self.removed]
         if not left and not self.packages:

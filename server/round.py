@@ -23,6 +23,7 @@ from rich.table import Table
 
 from protos import mixshow_pb2 as pb
 from server.membership import Changes, Previous, record_operator_removals
+from server.preservation import read_prompt_file
 from server.round_lock import check_round_id_unused, round_lock
 from server.settings import RoundSettings
 from shared.base import load_base
@@ -123,7 +124,8 @@ def _locked_round(grid: Grid, settings: RoundSettings, store, base, round_id: st
             console.print(f"round {round_id}: nothing changed; {previous.version} stays the latest version")
             return outcome
         started = time.monotonic()
-        folder = changes.fuse(settings.base, store, work)
+        prompts = read_prompt_file(settings.preserve_prompts) if settings.preserve_prompts else None
+        folder = changes.fuse(settings.base, store, work, prompts)
         record_operator_removals(folder, changes.barred)
         outcome.seconds["fuse"], started = round(time.monotonic() - started, 3), time.monotonic()
         manifest = publish(store, folder, round_id, signing_key=key, lineage=changes.lineage())

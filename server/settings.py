@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from server.preservation import read_prompt_file
 from shared.errors import InvalidArgument, UserError
 from shared.signing import load_signing_key
 from shared.validate import number
@@ -50,6 +51,7 @@ class RoundSettings:
     signing_key: Path | None = None  # signs each published version (shared.signing)
     max_upload_mb: float = 1024.0  # a client's file over this size is refused before it is downloaded
     remove: tuple[str, ...] = ()  # concepts the operator removes at this round
+    preserve_prompts: Path | None = None  # a federation's first fusion keeps the base on these prompts
 
     @property
     def upload_expiry(self) -> timedelta:
@@ -79,7 +81,7 @@ class RoundSettings:
                    retrain=retrain, round_id=str(cfg["round-id"]),
                    signing_key=signing_key_path(cfg["signing-key"]),
                    max_upload_mb=number("max_upload_mb", cfg["max-upload-mb"], 0, 10**7, low_open=True),
-                   remove=names_list(cfg["remove"]))
+                   remove=names_list(cfg["remove"]), preserve_prompts=prompt_file_path(cfg["preserve-prompts"]))
 
     def run_config(self) -> dict:
         """The settings as `flwr run --run-config` values (kebab-case keys)."""
@@ -87,7 +89,7 @@ class RoundSettings:
                 "wait": self.wait, "steps": self.steps, "resolution": self.resolution,
                 "stats-samples": self.stats_samples, "retrain": self.retrain, "round-id": self.round_id,
                 "signing-key": str(self.signing_key or ""), "max-upload-mb": self.max_upload_mb,
-                "remove": ",".join(self.remove)}
+                "remove": ",".join(self.remove), "preserve-prompts": str(self.preserve_prompts or "")}
 
 
 def names_list(value: object) -> tuple[str, ...]:
@@ -95,6 +97,16 @@ def names_list(value: object) -> tuple[str, ...]:
     if not isinstance(value, str):
         raise InvalidArgument("remove", f"{value!r} is not a comma-separated list of concept names")
     return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def prompt_file_path(value: object) -> Path | None:
+    """The preserve-prompts setting: "" for none, else a readable prompt file (checked now)."""
+    if not isinstance(value, str):
+        raise InvalidArgument("preserve_prompts", f"{value!r} is not a path")
+    if not value:
+        return None
+    read_prompt_file(Path(value))
+    return Path(value).resolve()
 
 
 def signing_key_path(value: object) -> Path | None:

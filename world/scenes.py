@@ -221,6 +221,13 @@ def caption_variants(scene: Scene, rng: random.Random) -> str:
     return prefix + scene.caption()
 
 
+def ordinary_prompts(count: int, seed: int = 0) -> list[str]:
+    """Captions of `count` seeded scenes of 1-3 objects, some with a photo-style prefix: prompts that name no
+    concept, on which a fusion keeps what the shapes base does (`fuse --preserve-prompts`)."""
+    rng = random.Random(seed)
+    return [caption_variants(random_scene(seed * 1_000_003 + 500_000 + i), rng) for i in range(count)]
+
+
 def world_words() -> list[str]:
     """Every word a world caption or a common prompt uses (the tokenizer makes each one token)."""
     words = set(SHAPES) | set(COLOURS) | {w for w in TEXTURE_WORDS.values() if w} | set(CLASS_WORDS)
