@@ -418,6 +418,21 @@ def client_sites_of(sources: list[Source]) -> dict[str, dict[str, list[str]]]:
     return sites
 
 
+def recorded_preservation(previous: dict, from_dir: Path) -> list[str] | None:
+    """The preservation prompts a fused folder's concepts.json records (before they were recorded: the first
+    `preserve` generic ones); None where it preserved nothing."""
+    preserve, prompts = previous["preserve"], previous.get("preserve_prompts")
+    where = f"{from_dir}/{CONCEPTS_FILE}"
+    if isinstance(preserve, bool) or not isinstance(preserve, int) or preserve < 0:
+        raise UserError(f"{where}: preserve {preserve!r} is not a count of prompts; was it written by `mixshow fuse`?")
+    if prompts is None:
+        return list(GENERIC_PROMPTS[:preserve]) or None
+    if not isinstance(prompts, list) or len(prompts) != preserve:
+        raise UserError(f"{where}: preserve is {preserve} but preserve_prompts is not a list of {preserve} prompts; "
+                        "the file was changed by hand")
+    return prompts or None
+
+
 def check_settings(method: str, lam: float, preserve: int, prompts: list[str], kv_rows: str) -> None:
     """The fusion's settings, checked before anything is loaded."""
     if method not in METHODS:
@@ -456,7 +471,7 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
         try:
             method, lam, preserve, kv_rows = (previous["method"], previous["lam"], previous["preserve"],
                                               previous["kv_rows"])
-            preserve_prompts = previous.get("preserve_prompts", list(GENERIC_PROMPTS[:preserve])) or None
+            preserve_prompts = recorded_preservation(previous, from_dir)
             base_path = base_path or Path(str(previous["base"]))
         except KeyError as exc:
             raise UserError(f"{from_dir}/{CONCEPTS_FILE} lacks {exc}; it was not written by `mixshow fuse`") from exc

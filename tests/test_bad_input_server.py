@@ -64,6 +64,15 @@ FUSE_CASES = {
     "preserve too many": (None, ["--preserve", "99"], "there are 8"),
     "preserve negative": (None, ["--preserve", "-2"], "--preserve"),
     "unknown method": (None, ["--method", "median"], "--method"),
+    "prompt file missing": (None, ["--preserve-prompts", "{tmp}/none.txt"], "is not a file"),
+    "prompt file not utf-8": (lambda p: (p[0].parent / "p.txt").write_bytes(b"a dog\n\xff\xfe"),
+                              ["--preserve-prompts", "{tmp}/p.txt"], "not UTF-8"),
+    "prompt file of comments": (lambda p: (p[0].parent / "p.txt").write_text("# nothing\n\n"),
+                                ["--preserve-prompts", "{tmp}/p.txt"], "holds no prompt"),
+    "prompt too long": (lambda p: (p[0].parent / "p.txt").write_text("a dog\n" + "x" * 1001 + "\n"),
+                        ["--preserve-prompts", "{tmp}/p.txt"], "prompt 2 is longer"),
+    "preserve more than the file": (lambda p: (p[0].parent / "p.txt").write_text("a dog\na cat\n"),
+                                    ["--preserve-prompts", "{tmp}/p.txt", "--preserve", "3"], "there are 2"),
     "unknown kv rows": (None, ["--kv-rows", "some"], "--kv-rows"),
     "nan in a lora tensor": (lambda p: _rewrite_weights(p[0], _nan_in_lora), [], "NaN or Inf"),
     "stats of other weights": (lambda p: _rewrite_weights(p[0], _nudge_lora), [], "other weights"),
@@ -98,7 +107,7 @@ def test_fuse_bad_input(case, tiny_base, three_packages, tmp_path, monkeypatch, 
     if spoil:
         spoil(pkgs)
     args = ["fuse", "--base", tiny_base, *[a for p in pkgs for a in ("--concept", p)], "--out", tmp_path / "fused",
-            *flags]
+            *[flag.replace("{tmp}", str(pkgs[0].parent)) for flag in flags]]
     assert_clean_error(args, tmp_path, expect, monkeypatch, capsys, out=tmp_path / "fused")
 
 
@@ -410,3 +419,16 @@ def test_a_malformed_operator_removal_record_is_refused(barred):
     changes = Changes(previous)
     changes.remove_by_operator("b")
     assert changes.barred == [{"name": "a", "client": "7"}, {"name": "b", "client": "9"}]
+
+
+@pytest.mark.parametrize("change, expect", [({"preserve": 2, "preserve_prompts": ["a dog"]}, "changed by hand"),
+                                            ({"preserve": "2"}, "is not a count of prompts"),
+                                            ({"preserve": 1, "preserve_prompts": [""]}, "prompt 1 is empty")])
+def test_fuse_from_a_fusion_whose_preservation_record_was_edited(change, expect, fused_three, tmp_path, monkeypatch,
+                                                                 capsys):
+    folder = _copy(fused_three["gradient"], tmp_path, "fused-a")
+    info = json.loads((folder / "concepts.json").read_text())
+    info.update(change)
+    (folder / "concepts.json").write_text(json.dumps(info))
+    args = ["fuse", "--from", folder, "--remove", "green-triangle", "--out", tmp_path / "fused-b"]
+    assert_clean_error(args, tmp_path, expect, monkeypatch, capsys, out=tmp_path / "fused-b")

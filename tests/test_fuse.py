@@ -347,7 +347,7 @@ def test_cli_fuse_prints_the_table(tiny_base, three_packages, fused_three, tmp_p
 
 
 def test_preserve_keeps_generic_prompts_closer_to_the_base(tiny_base, three_packages, fused_three, tmp_path):
-    from server.fuse import GENERIC_PROMPTS
+    from server.preservation import GENERIC_PROMPTS
     from shared.edlora import LayerwiseTextEncoder, TokenMap
 
     fuse(tiny_base, three_packages, tmp_path / "kept", preserve=4, show_progress=False)
@@ -442,3 +442,31 @@ def test_the_report_chart_keeps_its_layout_with_many_concepts(count, tmp_path):
         report.plot(tmp_path / "report.png")
     width = Image.open(tmp_path / "report.png").size[0]
     assert width >= 13 * 90 and (count < 30 or width > 20 * 90)
+
+
+def test_own_preservation_prompts_are_recorded_kept_by_an_update_and_pull_the_fusion_to_the_base(
+        tiny_base, three_packages, fused_three, tmp_path):
+    """`preserve_prompts`: the fusion records the prompts it preserved; adding a concept to it gives the weights
+    of a fusion from scratch with the same prompts; and on those prompts the text encoder stays nearer the base
+    than without them."""
+    from shared.edlora import LayerwiseTextEncoder, TokenMap
+
+    prompts = ["a photo of a dog on the grass", "a blue house at night", "a painting of a tree"]
+    fuse(tiny_base, three_packages[:2], tmp_path / "two", preserve=3, preserve_prompts=prompts, show_progress=False)
+    fuse(None, [three_packages[2]], tmp_path / "two+1", from_dir=tmp_path / "two", show_progress=False)
+    fuse(tiny_base, three_packages, tmp_path / "three", preserve=3, preserve_prompts=prompts, show_progress=False)
+    for folder in ("two", "two+1", "three"):
+        info = json.loads((tmp_path / folder / "concepts.json").read_text())
+        assert (info["preserve"], info["preserve_prompts"]) == (3, prompts), folder
+    assert _max_rel(_weights(tmp_path / "two+1"), _weights(tmp_path / "three")) <= 1e-6
+    assert _max_rel(_weights(tmp_path / "three"), _weights(fused_three["gradient"])) > 1e-3  # they did count
+
+    def encode(folder):
+        base = load_base(folder)
+        with torch.no_grad():
+            return LayerwiseTextEncoder(base.tokenizer, base.text_encoder, TokenMap(1)).encode(prompts)
+
+    reference = encode(tiny_base)
+    drift = {name: float((encode(folder) - reference).norm()) for name, folder in
+             (("plain", fused_three["gradient"]), ("preserve", tmp_path / "three"))}
+    assert drift["preserve"] < drift["plain"], drift

@@ -481,7 +481,8 @@ def test_sdxl_preservation_prompts_keep_generic_prompts_closer_to_the_base(sdxl_
                                                                            tmp_path):
     """`fuse --preserve N` on SDXL: the generic prompts' Grams, recorded in both text encoders and the UNet,
     keep their text states (both encoders, and the pooled embedding) nearer the base's than plain fusion."""
-    from server.fuse import GENERIC_PROMPTS, fuse
+    from server.fuse import fuse
+    from server.preservation import GENERIC_PROMPTS
     from shared.edlora import TokenMap
     from shared.package import layerwise_encoder
 
