@@ -2,8 +2,8 @@
 target W0, so that the fused model keeps what the base did on prompts that name no concept.
 
 Without them the closed form is pinned only where the concepts have data; with several concepts whose inputs
-are nearly alike, it extrapolates their differences onto every other input (on the shapes base, 3 fused world
-concepts took single-object prompts from 29 of 32 right to 1 of 32; docs/world.md)."""
+are nearly alike, it extrapolates their differences onto every other input (on the shapes base, five fused world
+concepts took single-object prompts from 89 % right to 9 %, and 32 ordinary captions kept 86 %; docs/world.md)."""
 
 from __future__ import annotations
 
