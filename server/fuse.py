@@ -361,6 +361,8 @@ class Fusion:
                     "preserve_prompts": self.preserve, "kv_rows": self.kv_rows,
                     "n_layers": self.n_layers, "base_fingerprint": info["base_fingerprint"],
                     "base": info["base"], "concepts": self.records}
+        if info.get("preserve_resolution"):  # the size the preservation prompts were sampled at, for updates
+            concepts["preserve_resolution"] = info["preserve_resolution"]
         if self.layout != "block":
             concepts["token_layout"] = self.layout
         (stage / CONCEPTS_FILE).write_text(json.dumps(concepts, indent=2))
@@ -431,6 +433,18 @@ def recorded_preservation(previous: dict, from_dir: Path) -> list[str] | None:
         raise UserError(f"{where}: preserve is {preserve} but preserve_prompts is not a list of {preserve} prompts; "
                         "the file was changed by hand")
     return prompts or None
+
+
+def preservation_resolution(previous: dict | None, from_dir: Path | None, new_sources: list[Source]) -> int | None:
+    """The image size the preservation prompts are sampled at: the one the fusion being updated recorded, else
+    the first new concept's training resolution (None: neither is known, and nothing is sampled)."""
+    recorded = (previous or {}).get("preserve_resolution")
+    if recorded is not None:
+        if isinstance(recorded, bool) or not isinstance(recorded, int) or not 8 <= recorded <= 8192:
+            raise UserError(f"{from_dir}/{CONCEPTS_FILE}: preserve_resolution {recorded!r} is not an image size; "
+                            "the file was changed by hand")
+        return recorded
+    return int(new_sources[0].meta.training.get("resolution", 512)) if new_sources else None
 
 
 def check_settings(method: str, lam: float, preserve: int, prompts: list[str], kv_rows: str) -> None:
@@ -509,6 +523,7 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
                 sources[record["name"]].tensors.clear()  # their terms are in the state already
     elif remove:
         raise InvalidArgument("remove", "needs a fused model to update (from_dir)")
+    old_sites = set(state.S)  # sites an earlier fusion gave the preservation Grams already
     # One package at a time: read, checked, its terms added to the state, its tensors dropped. The server then
     # never holds more than one package's tensors, whatever the number of concepts.
     new_sources = []
@@ -521,13 +536,14 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
         records.append({**concept_record(src, src.meta.n_layers), **(origins or {}).get(src.meta.name, {})})
         sources[src.meta.name] = src
         new_sources.append(src)
-    preserve_grams = None
-    if preserve and method == "gradient" and not previous:  # the base is not changed by adding terms
-        resolution = int(new_sources[0].meta.training.get("resolution", 512)) if new_sources else 512
-        preserve_grams = preservation_grams(base, client_sites_of(new_sources), prompts, resolution)
-    if preserve_grams:
-        for site, gram in preserve_grams.items():
-            state.S[site] = state.S[site] + gram
+    resolution = None
+    if prompts and method == "gradient":  # every site of S holds the preservation Grams once
+        resolution = preservation_resolution(previous, from_dir, new_sources)
+        new_sites = {model: {site: modules for site, modules in sites.items() if f"{model}.{site}" not in old_sites}
+                     for model, sites in client_sites_of(new_sources).items()}
+        if any(new_sites.values()):
+            for site, gram in preservation_grams(base, new_sites, prompts, resolution).items():
+                state.S[site] = state.S[site] + gram
     if not state.concepts:
         raise InvalidArgument("concept", "nothing to fuse: give at least one package (or leave one after removing)")
     fusion = Fusion(base, state, records, method, lam, prompts if method == "gradient" else [], kv_rows,
@@ -536,7 +552,8 @@ def fuse(base_path: Path | None, packages: list[Path], out: Path, method: str = 
     report = identity_report(fusion, sources)
     with staged_dir(out) as stage:
         report.data["precision"] = fusion.write(
-            stage, {"base_fingerprint": base.fingerprint, "base": str(Path(base.source).resolve())},
+            stage, {"base_fingerprint": base.fingerprint, "base": str(Path(base.source).resolve()),
+                    "preserve_resolution": resolution},
             out_dtype or base.stored_dtype, lora_dtype)
         report.write(stage)
     return report.data

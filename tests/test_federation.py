@@ -138,9 +138,16 @@ def fused_set(store, version: str, tmp_path: Path, tiny_base: Path) -> float:
     """Pull `version`, fuse its concepts' own uploads offline, and return the largest relative difference."""
     pulled = tmp_path / f"pulled-{version}"
     pull(store, pulled, version)
-    records = json.loads((pulled / "concepts.json").read_text())["concepts"]
+    info = json.loads((pulled / "concepts.json").read_text())
+    records = info["concepts"]
     offline = [offline_package(store, r["source"], tmp_path / f"offline-{version}" / r["name"]) for r in records]
-    fuse(tiny_base, offline, tmp_path / f"offline-fused-{version}", show_progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ServerApp (OMP_NUM_THREADS=1): the preservation prompts are sampled in
+    try:  # float32, and on 2 threads their Grams differ by ~1e-7, which the solve makes ~1e-6 (measured)
+        fuse(tiny_base, offline, tmp_path / f"offline-fused-{version}", show_progress=False,
+             preserve=info["preserve"], preserve_prompts=info.get("preserve_prompts") or None)
+    finally:
+        torch.set_num_threads(threads)
     return max_relative_difference(pulled, tmp_path / f"offline-fused-{version}")
 
 
@@ -150,8 +157,8 @@ def test_rounds_build_on_the_latest_version(federation, outside_lora, tiny_base,
     (kohya keys, imported by `mixshow import-lora`, joined with `mixshow join --package`: its client records the
     Grams and uploads it); B updates its package, A's is unchanged and not uploaded again. Round 3: A withdraws
     (`mixshow withdraw`) and the operator removes C (`round --remove`). Each version's weights equal an offline
-    fusion of its set. Then: a round that changes nothing publishes nothing; the lineage is listed and older
-    versions stay pullable."""
+    fusion of its set, with the preservation prompts the first round was given. Then: a round that changes
+    nothing publishes nothing; the lineage is listed and older versions stay pullable."""
     superlink, procs, join = federation
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     store_url = "s3://mixshow/lineage"
@@ -162,7 +169,9 @@ def test_rounds_build_on_the_latest_version(federation, outside_lora, tiny_base,
                                  monkeypatch, capsys)
         assert code == 0 and "finished:completed" in " ".join(out.split()), err
 
-    run_round()
+    prompts = ["a photo of a dog on the grass", "a blue house at night", "a painting of a tree"]
+    (tmp_path / "keep.txt").write_text("# what the fused model keeps from the base\n" + "\n".join(prompts) + "\n")
+    run_round("--preserve-prompts", str(tmp_path / "keep.txt"))  # read by the ServerApp at the first round
     first = get_manifest(store, "v0001")
     assert sorted(first.concepts) == ["blue-square", "red-circle"] and not first.parent
     assert fused_set(store, "v0001", tmp_path, tiny_base) <= 1e-6
@@ -205,6 +214,8 @@ def test_rounds_build_on_the_latest_version(federation, outside_lora, tiny_base,
     assert sorted(third.removed) == ["green-triangle", "red-circle"]
     assert sorted(third.concepts) == ["blue-square", "outside"] and not uploads_of("v0003")
     assert fused_set(store, "v0003", tmp_path, tiny_base) <= 1e-6
+    kept = json.loads((tmp_path / "pulled-v0003" / "concepts.json").read_text())
+    assert (kept["preserve"], kept["preserve_prompts"]) == (3, prompts)  # later rounds keep the first one's
 
     run_round()  # C's node is still connected: it uploads again, and is refused (the operator removed C)
     assert latest(store) == "v0003"  # nothing changed: no new version

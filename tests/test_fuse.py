@@ -470,3 +470,27 @@ def test_own_preservation_prompts_are_recorded_kept_by_an_update_and_pull_the_fu
     drift = {name: float((encode(folder) - reference).norm()) for name, folder in
              (("plain", fused_three["gradient"]), ("preserve", tmp_path / "three"))}
     assert drift["preserve"] < drift["plain"], drift
+
+
+def test_an_update_gives_a_new_concepts_new_layers_the_preservation_grams_too(tiny_base, toys, three_packages,
+                                                                            tmp_path):
+    """A concept added to a preserving fusion adapts layers no earlier concept did (the feed-forward layers):
+    the update samples the recorded prompts, at the recorded size, for those sites alone, and ends where a
+    fusion from scratch of the three with the same prompts does."""
+    from client.stats import compute_stats
+    from client.train import train_concept
+    from shared.names import UNET_TARGETS
+    from tests.conftest import tiny_config
+
+    words, cls = ["<gretri1>", "<gretri2>"], "cube"
+    pkg, _ = train_concept(tiny_base, toys / "green-triangle", words, cls, tmp_path / "green-triangle",
+                           tiny_config(steps=20, seed=2, unet_targets=[*UNET_TARGETS, "ff.net.0.proj", "ff.net.2"]),
+                           show_progress=False)
+    compute_stats(load_base(tiny_base), pkg, samples=2, steps=10, seed=2, show_progress=False)
+    prompts = ["a photo of a dog on the grass", "a blue house at night"]
+    fuse(tiny_base, three_packages[:2], tmp_path / "two", preserve=2, preserve_prompts=prompts, show_progress=False)
+    fuse(None, [pkg], tmp_path / "two+ff", from_dir=tmp_path / "two", show_progress=False)
+    fuse(tiny_base, [*three_packages[:2], pkg], tmp_path / "scratch", preserve=2, preserve_prompts=prompts,
+         show_progress=False)
+    assert json.loads((tmp_path / "two+ff" / "concepts.json").read_text())["preserve_resolution"] == 64
+    assert _max_rel(_weights(tmp_path / "two+ff"), _weights(tmp_path / "scratch")) <= 1e-6
