@@ -5,7 +5,7 @@ flags) overrides them and is checked here, so every entry point sees the same va
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -79,9 +79,10 @@ class RoundSettings:
                    resolution=number("resolution", cfg["resolution"], 0, 8192, integer=True),
                    stats_samples=number("stats_samples", cfg["stats-samples"], 0, 100_000, integer=True),
                    retrain=retrain, round_id=str(cfg["round-id"]),
-                   signing_key=signing_key_path(cfg["signing-key"]),
+                   signing_key=checked_file(cfg["signing-key"], "signing_key", load_signing_key),
                    max_upload_mb=number("max_upload_mb", cfg["max-upload-mb"], 0, 10**7, low_open=True),
-                   remove=names_list(cfg["remove"]), preserve_prompts=prompt_file_path(cfg["preserve-prompts"]))
+                   remove=names_list(cfg["remove"]),
+                   preserve_prompts=checked_file(cfg["preserve-prompts"], "preserve_prompts", read_prompt_file))
 
     def run_config(self) -> dict:
         """The settings as `flwr run --run-config` values (kebab-case keys)."""
@@ -99,21 +100,12 @@ def names_list(value: object) -> tuple[str, ...]:
     return tuple(n.strip() for n in value.split(",") if n.strip())
 
 
-def prompt_file_path(value: object) -> Path | None:
-    """The preserve-prompts setting: "" for none, else a readable prompt file (checked now)."""
+def checked_file(value: object, argument: str, check: Callable[[Path], object]) -> Path | None:
+    """A file setting: "" for none, else a path that `check` reads without error (checked now, so a bad file
+    fails before the round starts)."""
     if not isinstance(value, str):
-        raise InvalidArgument("preserve_prompts", f"{value!r} is not a path")
+        raise InvalidArgument(argument, f"{value!r} is not a path")
     if not value:
         return None
-    read_prompt_file(Path(value))
-    return Path(value).resolve()
-
-
-def signing_key_path(value: object) -> Path | None:
-    """The signing-key setting: "" for unsigned versions, else a readable Ed25519 key (checked now)."""
-    if not isinstance(value, str):
-        raise InvalidArgument("signing_key", f"{value!r} is not a path")
-    if not value:
-        return None
-    load_signing_key(Path(value))
+    check(Path(value))
     return Path(value).resolve()
